@@ -52,6 +52,7 @@ class Broker:
         self,
         name: str,
         workdir: Path,
+        *,
         port: int | None = None,
         extra_conf: str = "",
         persistence: bool = False,
@@ -172,13 +173,17 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
         name: str = "broker",
         extra_conf: str = "",
         persistence: bool = False,
+        *,
         port: int | None = None,
         tls: bool = False,
         start: bool = True,
     ) -> Broker:
         if any(b.name == name for b in made):
             raise ValueError(f"broker name {name!r} used twice in one test")
-        broker = Broker(name, tmp_path / f"broker-{name}", port, extra_conf, persistence, tls)
+        broker = Broker(
+            name, tmp_path / f"broker-{name}", port=port, extra_conf=extra_conf,
+            persistence=persistence, tls=tls,
+        )
         made.append(broker)
         if start:
             # A free port can be taken between probing and binding; try a few.

@@ -52,6 +52,7 @@ def unique_topic(prefix: str = "test") -> str:
 
 def make_client(
     url: str,
+    *,
     client_id: str | None = None,
     protocol: int = mqtt.MQTTv5,
     tls: Tls | None = None,
@@ -117,6 +118,7 @@ class Collector:
         self,
         url: str,
         topics: str | Sequence[str] = "#",
+        *,
         qos: int = 1,
         tls: Tls | None = None,
         protocol: int = mqtt.MQTTv5,
@@ -130,7 +132,10 @@ class Collector:
         self.messages: list[Received] = []
         self._cond = threading.Condition()
         self._suback = threading.Event()
-        self.client = make_client(url, client_id, protocol, tls, username, password)
+        self.client = make_client(
+            url, client_id=client_id, protocol=protocol, tls=tls,
+            username=username, password=password,
+        )
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
 
@@ -203,6 +208,7 @@ def publish_many(
     topic: str,
     payloads: Iterable[bytes | str],
     qos: int = 1,
+    *,
     retain: bool = False,
     tls: Tls | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
@@ -224,6 +230,6 @@ def publish_many(
         client.loop_stop()
 
 
-def publish_one(url: str, topic: str, payload: bytes | str, qos: int = 1,
+def publish_one(url: str, topic: str, payload: bytes | str, qos: int = 1, *,
                 retain: bool = False, tls: Tls | None = None) -> None:
     publish_many(url, topic, [payload], qos=qos, retain=retain, tls=tls)

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,47 @@ class Broker:
 
 BrokerFactory = Callable[..., Broker]
 
+MAKE_CERTS = ROOT / "scripts" / "make-certs"
+CERT_CLIENTS = ("cam-frontdoor", "cam-backyard", "gateway", "operator")
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Output of `scripts/make-certs`: a CA, `server.pem` and one pair per client."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.pem")
+
+    def cert(self, name: str) -> str:
+        return str(self.dir / f"{name}.pem")
+
+    def key(self, name: str) -> str:
+        return str(self.dir / f"{name}.key")
+
+    def mtls_conf(self, require_certificate: bool = True) -> str:
+        """Listener lines for mutual TLS; the certificate CN becomes the username."""
+        return "\n".join([
+            f"cafile {self.ca}",
+            f"certfile {self.cert('server')}",
+            f"keyfile {self.key('server')}",
+            f"require_certificate {'true' if require_certificate else 'false'}",
+            f"use_identity_as_username {'true' if require_certificate else 'false'}",
+            "tls_version tlsv1.2",
+        ])
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, a server certificate (127.0.0.1, localhost) and client certificates
+    for cam-frontdoor, cam-backyard, gateway and operator, made once per session."""
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run([str(MAKE_CERTS), str(out), *CERT_CLIENTS], check=True,
+                   capture_output=True)
+    return Certs(out)
+
 
 @pytest.fixture
 def free_port() -> int:
@@ -208,6 +250,12 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
 @pytest.fixture
 def broker(broker_factory: BrokerFactory) -> Broker:
     return broker_factory("broker")
+
+
+@pytest.fixture
+def tls_broker(broker_factory: BrokerFactory, certs: Certs) -> Broker:
+    """A broker whose listener requires mutual TLS with certificates from `certs`."""
+    return broker_factory("tls", extra_conf=certs.mtls_conf(), tls=True)
 
 
 @pytest.fixture

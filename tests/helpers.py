@@ -90,7 +90,14 @@ def connect(client: mqtt.Client, url: str, clean: bool = True,
         result.append(rc)
         done.set()
 
+    def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        # Closed before any CONNACK, e.g. a TLS peer that rejected our certificate.
+        if not done.is_set():
+            result.append(rc)
+            done.set()
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     port = parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
     kwargs: dict[str, Any] = {}
     if client.protocol == mqtt.MQTTv5:
@@ -101,9 +108,10 @@ def connect(client: mqtt.Client, url: str, clean: bool = True,
         client.loop_stop()
         raise TimeoutError(f"no CONNACK from {url} within {timeout}s")
     rc = result[0]
+    client.on_disconnect = None
     if rc.is_failure:
         client.loop_stop()
-        raise ConnectionError(f"{url} refused the connection: {rc}")
+        raise ConnectionError(f"{url} refused or closed the connection: {rc}")
 
 
 class Collector:

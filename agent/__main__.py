@@ -1,0 +1,123 @@
+"""The `fogwhisk` command line (also `python -m agent`).
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+
+log = logging.getLogger("agent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(level: str) -> None:
+    # Under journald the journal adds timestamps; a terminal gets them from us.
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s" if journald else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
+                        stream=sys.stderr)
+    logging.getLogger("agent.mqtt.paho").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fogwhisk", description="MQTT edge agent")
+    ap.add_argument("--version", action="version", version=f"fogwhisk {__version__}")
+    ap.add_argument("--log-level", default=os.environ.get("FOGWHISK_LOG", "info"))
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("-c", "--config", required=True)
+
+    check = sub.add_parser("check-config", help="validate a config and print the effective one")
+    check.add_argument("-c", "--config", required=True)
+
+    ob = sub.add_parser("outbox", help="inspect the store-and-forward database")
+    ob.add_argument("op", choices=["stats", "peek", "purge", "retry-dead"])
+    src = ob.add_mutually_exclusive_group(required=True)
+    src.add_argument("-c", "--config")
+    src.add_argument("--data-dir")
+    ob.add_argument("-n", "--limit", type=int, default=10)
+    ob.add_argument("--dead", action="store_true", help="peek or purge the dead-letter table")
+    ob.add_argument("--yes", action="store_true", help="confirm purge")
+
+    st = sub.add_parser("status", help="a device's retained status and last telemetry")
+    st.add_argument("--broker", required=True, help="mqtt://host:port of the broker to read")
+    st.add_argument("--device", required=True)
+    st.add_argument("--prefix", default="fog")
+    st.add_argument("--timeout", type=float, default=3.0)
+
+    demo = sub.add_parser("demo", help="a self-contained tour on this machine")
+    demo.add_argument("--duration", type=float, default=30.0)
+    demo.add_argument("--no-camera", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmarks, side by side with their baselines")
+    bench.add_argument("suite", nargs="?", default="all")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"fogwhisk: bad config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"fogwhisk: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from agent import config
+
+    if args.command == "run":
+        from agent import app
+
+        cfg = config.load(args.config)
+        asyncio.run(app.run(cfg))
+        return EXIT_OK
+    if args.command == "check-config":
+        from agent.schema import to_dict
+
+        cfg = config.load(args.config)
+        print(json.dumps(to_dict(cfg), indent=2, default=str))
+        print(f"{args.config}: ok", file=sys.stderr)
+        return EXIT_OK
+    if args.command == "outbox":
+        from agent import outbox_cli
+
+        data_dir = args.data_dir or str(config.load(args.config).data_dir)
+        return outbox_cli.main(args.op, data_dir, limit=args.limit, dead=args.dead, yes=args.yes)
+    if args.command == "status":
+        from agent import status_cli
+
+        return status_cli.main(args.broker, args.device, args.prefix, args.timeout)
+    if args.command == "demo":
+        from agent import demo
+
+        return demo.main(duration_s=args.duration, camera=not args.no_camera)
+    if args.command == "bench":
+        from agent import bench
+
+        return bench.main(args.suite, args.args)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in pipeline actions; `registry` maps their names to lazy imports."""

@@ -1,0 +1,92 @@
+"""`publish`: wrap what the pipeline made in the event envelope (schema v1) and send it up.
+
+    {"v": 1, "id": "<device>:<boot>:<seq>", "device", "pipeline", "seq", "ts",
+     ...the message's fields (type, detections, model, window, ...), "latency_ms"}
+
+`id` is the idempotency key: stable across retries, unique per event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import msgpack
+
+from agent.actions.payload import fields
+from agent.pipeline import ActionContext, Message, Outgoing
+from agent.schema import Duration
+
+ENVELOPE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    format: Literal["json", "msgpack"] = "json"
+    topic: str = "{prefix}/{device}/events/{pipeline}"
+    priority: int = 0
+    ttl: Duration | None = None
+    qos: int = 1
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1 upstream")
+        self.topic.format(prefix="", device="", pipeline="", topic="")
+
+
+class Publish:
+    blocking: ClassVar[bool] = False
+
+    def __init__(self, params: Params, ctx: ActionContext) -> None:
+        self.p = params
+        self.ctx = ctx
+        self.key_prefix = f"{ctx.device}:{ctx.boot_id}:"
+        self.has_topic = "{topic}" in params.topic
+        self.topic = params.topic if self.has_topic else params.topic.format(
+            prefix=ctx.prefix, device=ctx.device, pipeline=ctx.pipeline)
+        self.ttl_s = float(params.ttl) if params.ttl else None
+        self.encode = _json if params.format == "json" else _msgpack
+
+    def process(self, msg: Message) -> Sequence[Outgoing]:
+        body = fields(msg)
+        seq = self.ctx.next_seq()
+        key = f"{self.key_prefix}{seq}"
+        envelope: dict[str, Any] = {
+            "v": ENVELOPE_VERSION, "id": key, "device": self.ctx.device,
+            "pipeline": self.ctx.pipeline, "seq": seq, "ts": round(msg.ts, 3),
+        }
+        envelope.update((k, v) for k, v in body.items() if k not in envelope)
+        latency = dict(msg.latency_ms)
+        latency["total"] = round((time.time() - msg.ts) * 1000.0, 3)
+        envelope["latency_ms"] = latency
+        topic = self.topic.format(prefix=self.ctx.prefix, device=self.ctx.device,
+                                  pipeline=self.ctx.pipeline, topic=msg.topic) \
+            if self.has_topic else self.topic
+        return (Outgoing(topic=topic, payload=self.encode(envelope), key=key,
+                         pipeline=self.ctx.pipeline, priority=self.p.priority,
+                         ttl_s=self.ttl_s, qos=self.p.qos, retain=self.p.retain,
+                         created=msg.ts),)
+
+
+def _json(envelope: dict[str, Any]) -> bytes:
+    return json.dumps(envelope, separators=(",", ":"), default=_plain).encode()
+
+
+def _msgpack(envelope: dict[str, Any]) -> bytes:
+    return bytes(msgpack.packb(envelope, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays from vision steps become plain numbers and lists."""
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"cannot encode {type(value).__name__} in an event")
+
+
+def build(params: Params, ctx: ActionContext) -> Publish:
+    return Publish(params, ctx)

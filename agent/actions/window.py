@@ -1,0 +1,99 @@
+"""`window`: aggregate numeric fields over a count or a time window, per topic.
+
+`size = 10` emits after every 10 readings of a topic; `seconds = 60` emits
+each topic's aggregate once a minute (from the pipeline's clock). The
+emitted message's data is `{"topic", "n", "start", "end", "<field>": {agg: value}}`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from agent.actions.payload import fields, number
+from agent.pipeline import ActionContext, Message
+from agent.schema import Duration
+
+Agg = Literal["mean", "min", "max", "count", "sum", "last"]
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    fields: tuple[str, ...]
+    agg: tuple[Agg, ...] = ("mean",)
+    size: int | None = None
+    seconds: Duration | None = None
+
+    def __post_init__(self) -> None:
+        if (self.size is None) == (self.seconds is None):
+            raise ValueError("a window needs exactly one of size (messages) or seconds")
+        if self.size is not None and self.size < 1:
+            raise ValueError("size must be at least 1")
+        if self.seconds is not None and self.seconds <= 0:
+            raise ValueError("seconds must be positive")
+        if not self.fields or not self.agg:
+            raise ValueError("fields and agg must not be empty")
+
+
+@dataclass(slots=True)
+class _Acc:
+    start: float
+    end: float = 0.0
+    n: int = 0
+    sums: list[float] = field(default_factory=list)
+    mins: list[float] = field(default_factory=list)
+    maxs: list[float] = field(default_factory=list)
+    lasts: list[float] = field(default_factory=list)
+
+
+class Window:
+    blocking: ClassVar[bool] = False
+
+    def __init__(self, params: Params) -> None:
+        self.p = params
+        self.accs: dict[str, _Acc] = {}
+        self.interval_s = float(params.seconds) if params.seconds else 3600.0
+
+    def process(self, msg: Message) -> Sequence[Message]:
+        values = fields(msg)
+        nums = [number(values, f) for f in self.p.fields]  # validate all before counting
+        acc = self.accs.get(msg.topic)
+        if acc is None:
+            k = len(nums)
+            acc = self.accs[msg.topic] = _Acc(msg.ts, sums=[0.0] * k, mins=[math.inf] * k,
+                                              maxs=[-math.inf] * k, lasts=[0.0] * k)
+        acc.n += 1
+        acc.end = msg.ts
+        for i, v in enumerate(nums):
+            acc.sums[i] += v
+            acc.mins[i] = min(acc.mins[i], v)
+            acc.maxs[i] = max(acc.maxs[i], v)
+            acc.lasts[i] = v
+        if self.p.size is not None and acc.n >= self.p.size:
+            del self.accs[msg.topic]
+            return (self._emit(msg.topic, acc, msg),)
+        return ()
+
+    def tick(self, now: float) -> Sequence[Message]:
+        if self.p.seconds is None:
+            return ()
+        out = [self._emit(topic, acc, None) for topic, acc in self.accs.items()]
+        self.accs.clear()
+        return out
+
+    def _emit(self, topic: str, acc: _Acc, last: Message | None) -> Message:
+        data: dict[str, Any] = {"topic": topic, "n": acc.n, "start": round(acc.start, 3),
+                                "end": round(acc.end, 3)}
+        for i, name in enumerate(self.p.fields):
+            stats = {"mean": acc.sums[i] / acc.n, "min": acc.mins[i], "max": acc.maxs[i],
+                     "count": acc.n, "sum": acc.sums[i], "last": acc.lasts[i]}
+            data[name] = {a: stats[a] for a in self.p.agg}
+        ts = last.ts if last is not None else time.time()
+        return Message(topic=topic, payload=b"", ts=ts, data=data)
+
+
+def build(params: Params, ctx: ActionContext) -> Window:
+    return Window(params)

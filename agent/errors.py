@@ -1,0 +1,42 @@
+"""Exceptions raised by the agent.
+
+    AgentError
+    ├── ConfigError        bad configuration file, profile or step parameters
+    ├── PayloadError       a message payload that an action cannot read
+    ├── ConnectError       a broker refused or dropped the connection
+    ├── PublishError       a broker answered a publish with a failure reason code
+    ├── OutboxError        the store-and-forward database cannot be used
+    └── ModelError         a model file, manifest or runtime is unusable
+"""
+
+
+class AgentError(Exception):
+    """Raised for every failure the agent itself detects."""
+
+
+class ConfigError(AgentError):
+    """Raised when a configuration file, profile or step has a bad or unknown key."""
+
+
+class PayloadError(AgentError):
+    """Raised when an action cannot read a message payload (bad JSON, msgpack, image)."""
+
+
+class ConnectError(AgentError):
+    """Raised when a broker refuses the connection or the network drops it."""
+
+
+class PublishError(AgentError):
+    """Raised when a broker answers a publish with a failure reason code."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class OutboxError(AgentError):
+    """Raised when the store-and-forward database cannot be opened or written."""
+
+
+class ModelError(AgentError):
+    """Raised when a model file, its manifest or its runtime cannot be used."""

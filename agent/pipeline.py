@@ -1,0 +1,221 @@
+"""Pipelines: a trigger feeds messages through an ordered sequence of actions.
+
+OpenWhisk's trigger -> rule -> action -> sequence, kept warm: each action is
+built once at start and called per message. A step returns the messages
+that go on (none: the message is dropped, a gate; several: a fan-out).
+`Outgoing` values are terminal: they leave the pipeline for the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from agent.config import CameraConfig, PipelineConfig, RuntimeConfig
+from agent.errors import PayloadError
+from agent.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One item moving through a pipeline; `data` is what the previous step made of it."""
+
+    topic: str
+    payload: bytes
+    ts: float
+    data: Any = None  # dict for readings and events, agent.frames.Frame for images
+    meta: dict[str, Any] = field(default_factory=dict)  # motion boxes, model info, ...
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> Message:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message bound for the uplink; it leaves the pipeline through the outbox."""
+
+    topic: str
+    payload: bytes
+    key: str  # idempotency key, stable across retries
+    pipeline: str
+    priority: int = 0  # lane: higher goes first and is dropped last
+    ttl_s: float | None = None
+    qos: int = 1
+    retain: bool = False
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """What an action may know about its surroundings, fixed at build time."""
+
+    device: str
+    prefix: str
+    pipeline: str
+    step: int
+    data_dir: Path
+    runtime: RuntimeConfig
+    camera: CameraConfig
+    boot_id: str
+    telemetry: Telemetry
+    next_seq: Callable[[], int]  # per-pipeline event sequence
+
+
+@runtime_checkable
+class Action(Protocol):
+    """A warm pipeline step. `blocking` actions run in a worker thread."""
+
+    blocking: ClassVar[bool]
+
+    def process(self, msg: Message) -> Sequence[Message | Outgoing]: ...
+
+
+class Timed(Protocol):
+    """An action that also emits on a clock (time windows, track timeouts)."""
+
+    interval_s: float
+
+    def tick(self, now: float) -> Sequence[Message | Outgoing]: ...
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Done = Callable[[], None]
+
+
+class Pipeline:
+    """Runs one configured sequence; never lets a bad message stop it."""
+
+    def __init__(self, cfg: PipelineConfig, actions: list[Action], telemetry: Telemetry,
+                 emit: Callable[[list[Outgoing], Done | None], None],
+                 room: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.actions = actions
+        self.telemetry = telemetry
+        self.emit = emit  # hands outputs to the outbox; `done` runs once they are durable
+        self.room = room  # waits while the outbox refuses new rows (reject_new)
+        self.queue: asyncio.Queue[tuple[Message, Done | None]] = asyncio.Queue()
+        self.blocking = any(a.blocking for a in actions)
+        self.busy = False  # a batch is being processed (shutdown waits for it)
+        self._step_names = [f"{i}:{s.action}" for i, s in enumerate(cfg.steps)]
+
+    def offer(self, msg: Message, done: Done | None) -> None:
+        """Enqueue from the dispatcher. The queue is bounded by the broker's receive maximum."""
+        self.queue.put_nowait((msg, done))
+
+    async def run(self) -> None:
+        timed = [(i, a) for i, a in enumerate(self.actions) if hasattr(a, "tick")]
+        if timed:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._ticker(timed), name=f"pipeline:{self.name}:tick")
+                await self._consume()
+        else:
+            await self._consume()
+
+    async def _consume(self) -> None:
+        q = self.queue
+        while True:
+            item = await q.get()
+            if self.room is not None:
+                await self.room()
+            batch = [item]
+            while not q.empty() and len(batch) < 256:
+                batch.append(q.get_nowait())
+            self.busy = True
+            try:
+                if self.blocking:
+                    # Inference and image decoding hold the CPU for milliseconds: off the loop.
+                    results = await asyncio.to_thread(self._process_batch, batch)
+                else:
+                    results = self._process_batch(batch)
+                for outs, done in results:
+                    self.emit(outs, done)
+            finally:
+                self.busy = False
+
+    def _process_batch(
+        self, batch: list[tuple[Message, Done | None]]
+    ) -> list[tuple[list[Outgoing], Done | None]]:
+        return [(self.process(msg), done) for msg, done in batch]
+
+    def process(self, msg: Message) -> list[Outgoing]:
+        """Run every step; a step that raises drops this message only, counted and logged."""
+        counters = self.telemetry.pipeline(self.name)
+        counters.inc("in")
+        t0 = time.perf_counter()
+        outs = self._run_from(0, [msg])
+        counters.observe("total", (time.perf_counter() - t0) * 1000.0)
+        return outs
+
+    def _run_from(self, start: int, current: list[Message]) -> list[Outgoing]:
+        counters = self.telemetry.pipeline(self.name)
+        outs: list[Outgoing] = []
+        for i in range(start, len(self.actions)):
+            action = self.actions[i]
+            nxt: list[Message] = []
+            for m in current:
+                ts = time.perf_counter()
+                try:
+                    produced: Iterable[Message | Outgoing] = action.process(m)
+                except PayloadError as exc:
+                    counters.inc("malformed")
+                    self.telemetry.warn_burst(
+                        f"malformed:{self.name}", "pipeline %s step %s: dropped malformed "
+                        "message on %s: %s", self.name, self._step_names[i], m.topic, exc)
+                    continue
+                except Exception as exc:
+                    counters.inc("errors")
+                    self.telemetry.warn_burst(
+                        f"error:{self.name}:{i}", "pipeline %s step %s failed on %s: %r",
+                        self.name, self._step_names[i], m.topic, exc, exc_info=True)
+                    continue
+                counters.observe(self._step_names[i], (time.perf_counter() - ts) * 1000.0)
+                for p in produced:
+                    if isinstance(p, Outgoing):
+                        outs.append(p)
+                    else:
+                        nxt.append(p)
+            current = nxt
+            if not current:
+                break
+        counters.inc("out", len(outs))
+        return outs
+
+    async def _ticker(self, timed: list[tuple[int, Any]]) -> None:
+        interval = min(float(a.interval_s) for _, a in timed)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for i, a in timed:
+                try:
+                    produced = list(a.tick(now))
+                except Exception:
+                    log.exception("pipeline %s: tick of step %s failed", self.name,
+                                  self._step_names[i])
+                    continue
+                outs = [p for p in produced if isinstance(p, Outgoing)]
+                msgs = [p for p in produced if not isinstance(p, Outgoing)]
+                if msgs:
+                    outs += self._run_from(i + 1, msgs)
+                if outs:
+                    self.emit(outs, None)
+
+    def close(self) -> None:
+        for a in self.actions:
+            close = getattr(a, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("pipeline %s: closing an action failed", self.name)

@@ -1,0 +1,174 @@
+"""The uplink sender: outbox rows to the next hop, in order per lane, within a window.
+
+A row leaves the outbox only when the next hop answered its PUBLISH with a
+success reason code. A failure code, or a row larger than the broker's
+maximum packet size, sends it to the dead-letter table instead of blocking
+the lane. After a reconnect the unacknowledged rows go again, in order.
+
+The backlog streams from disk a page at a time; only a bounded window of
+rows is ever in memory, however long the outage was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.errors import ConnectError
+from agent.mqtt import Connection
+from agent.outbox import Outbox, Row
+
+log = logging.getLogger(__name__)
+
+PAGE_ROWS = 1000
+MEMORY_ROWS = 4000  # per lane; beyond it the lane streams from disk
+KEY_PROPERTY = "fogwhisk-id"
+PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and our properties, roughly
+
+
+@dataclass(slots=True)
+class Lane:
+    priority: int
+    queue: deque[Row] = field(default_factory=deque)
+    loaded_to: int = 0  # highest id ever placed in `queue` (or sent)
+    on_disk: bool = False  # rows may exist on disk beyond `loaded_to`
+    unacked: dict[int, Row] = field(default_factory=dict)  # id -> row, in send order
+    loading: bool = False
+
+
+class Sender:
+    """Drains the outbox into one `Connection`."""
+
+    def __init__(self, outbox: Outbox, conn: Connection, inflight: int = 0) -> None:
+        self.outbox = outbox
+        self.conn = conn
+        self.inflight_cfg = inflight
+        self.lanes: dict[int, Lane] = {}
+        self.max_committed: dict[int, int] = {}
+        self._wake = asyncio.Event()
+        self._inflight = 0
+        outbox.on_rows = self._committed
+        for priority in outbox.lanes_on_disk:
+            self._lane(priority).on_disk = True  # a backlog from before: stream it
+
+    @property
+    def window(self) -> int:
+        return self.inflight_cfg or self.conn.server_receive_maximum
+
+    def _lane(self, priority: int) -> Lane:
+        lane = self.lanes.get(priority)
+        if lane is None:
+            lane = self.lanes[priority] = Lane(priority)
+            # Highest priority first when choosing what to send.
+            self.lanes = dict(sorted(self.lanes.items(), reverse=True))
+        return lane
+
+    def _committed(self, rows: list[Row]) -> None:
+        """Fresh rows from the committer: keep them in memory while the lane is caught up."""
+        for r in rows:
+            lane = self._lane(r.lane)
+            self.max_committed[r.lane] = r.id
+            if not lane.on_disk and len(lane.queue) < MEMORY_ROWS:
+                lane.queue.append(r)
+                lane.loaded_to = r.id
+            else:
+                lane.on_disk = True  # the lane streams from disk until it catches up
+        self._wake.set()
+
+    def connection_lost(self) -> None:
+        """Everything sent but unacknowledged goes again, in order, after the reconnect."""
+        for lane in self.lanes.values():
+            if lane.unacked:
+                lane.queue.extendleft(reversed(list(lane.unacked.values())))
+                lane.unacked.clear()
+        self._inflight = 0
+
+    def connected(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.conn.connected.is_set():
+                continue
+            await self._fill()
+
+    async def _fill(self) -> None:
+        """Send until the window is full or every lane is empty."""
+        for lane in list(self.lanes.values()):
+            while self._inflight < self.window:
+                if not lane.queue:
+                    if lane.on_disk and not lane.loading:
+                        await self._load(lane)
+                    if not lane.queue:
+                        break
+                row = lane.queue.popleft()
+                if not self._send(lane, row):
+                    lane.queue.appendleft(row)
+                    return
+            if self._inflight >= self.window:
+                return
+
+    async def _load(self, lane: Lane) -> None:
+        lane.loading = True
+        try:
+            after = max([lane.loaded_to, *lane.unacked.keys()])
+            rows = await self.outbox.page(lane.priority, after, PAGE_ROWS)
+        finally:
+            lane.loading = False
+        # Rows may have been sent meanwhile by a reconnect's resend; skip what is known.
+        known = lane.loaded_to
+        fresh = [r for r in rows if r.id > known]
+        lane.queue.extend(fresh)
+        if fresh:
+            lane.loaded_to = fresh[-1].id
+        if len(rows) < PAGE_ROWS and self.max_committed.get(lane.priority, 0) <= lane.loaded_to:
+            lane.on_disk = False
+
+    def _send(self, lane: Lane, row: Row) -> bool:
+        now = time.time()
+        if row.expires is not None and row.expires <= now:
+            self.outbox.expired(row)
+            return True
+        max_packet = self.conn.server_max_packet
+        if max_packet and len(row.payload) + len(row.topic) + PACKET_OVERHEAD > max_packet:
+            self.outbox.to_dead(row, f"larger than the broker's maximum packet size {max_packet}")
+            return True
+        props = self.conn.new_properties()
+        if props is not None:
+            props.UserProperty = [(KEY_PROPERTY, row.key)]
+            if row.expires is not None:
+                props.MessageExpiryInterval = max(1, int(row.expires - now))
+        try:
+            self.conn.publish(row.topic, row.payload, row.qos, row.retain, props,
+                              on_published=lambda rc, name: self._done(lane, row, rc, name))
+        except ConnectError:
+            return False
+        except ValueError as exc:  # paho refuses e.g. a payload over 268,435,455 bytes
+            self.outbox.to_dead(row, f"not publishable: {exc}")
+            return True
+        lane.unacked[row.id] = row
+        self._inflight += 1
+        return True
+
+    def _done(self, lane: Lane, row: Row, rc: int, name: str) -> None:
+        if lane.unacked.pop(row.id, None) is None:
+            return  # from a connection already given up on; the row goes again
+        self._inflight -= 1
+        if rc < 0x80:
+            self.outbox.acked(row)
+        else:
+            self.outbox.to_dead(row, f"refused by the broker: {name} ({rc})")
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def idle(self) -> bool:
+        return self._inflight == 0 and all(
+            not lane.queue and not lane.on_disk for lane in self.lanes.values())

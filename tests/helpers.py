@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -102,6 +103,10 @@ def connect(client: mqtt.Client, url: str, clean: bool = True,
     kwargs: dict[str, Any] = {}
     if client.protocol == mqtt.MQTTv5:
         kwargs["clean_start"] = clean
+        if not clean:  # a session that outlives the connection needs an expiry
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            kwargs["properties"] = props
     client.connect(parts.hostname or "127.0.0.1", port, keepalive=30, **kwargs)
     client.loop_start()
     if not done.wait(timeout):
@@ -133,8 +138,10 @@ class Collector:
         client_id: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        clean: bool = True,
     ) -> None:
         self.url = url
+        self.clean = clean
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.qos = qos
         self.messages: list[Received] = []
@@ -142,7 +149,7 @@ class Collector:
         self._suback = threading.Event()
         self.client = make_client(
             url, client_id=client_id, protocol=protocol, tls=tls,
-            username=username, password=password,
+            username=username, password=password, clean=clean,
         )
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -162,7 +169,7 @@ class Collector:
 
     def start(self, timeout: float = DEFAULT_TIMEOUT_S) -> Collector:
         """Connect and subscribe; returns once the SUBACK is in, so nothing is missed."""
-        connect(self.client, self.url, timeout=timeout)
+        connect(self.client, self.url, clean=self.clean, timeout=timeout)
         self._suback.clear()
         self.client.subscribe([(t, self.qos) for t in self.topics])
         if not self._suback.wait(timeout):
@@ -172,6 +179,11 @@ class Collector:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def reconnect(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Connect again (after a broker restart), resuming a persistent session."""
+        self.client.loop_stop()
+        connect(self.client, self.url, clean=self.clean, timeout=timeout)
 
     def __enter__(self) -> Collector:
         return self.start()

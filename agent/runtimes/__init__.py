@@ -56,9 +56,14 @@ class TensorInfo:
 class Model(Protocol):
     """A loaded model: `invoke` takes inputs in input order, returns outputs by index."""
 
-    runtime: str
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
+    @property
+    def runtime(self) -> str: ...
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]: ...
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]: ...
 
     def invoke(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 

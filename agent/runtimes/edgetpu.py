@@ -17,7 +17,7 @@ LIBRARY = "libedgetpu.so.1"
 
 def load(path: Path, num_threads: int) -> InterpreterModel:
     try:
-        from ai_edge_litert.interpreter import (  # noqa: PLC0415 - lazy: optional package
+        from ai_edge_litert.interpreter import (
             Interpreter,
             load_delegate,
         )

@@ -10,7 +10,7 @@ from agent.runtimes._interpreter import InterpreterModel, open_interpreter
 
 def load(path: Path, num_threads: int) -> InterpreterModel:
     try:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 - lazy, optional
+        from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise ModelError("runtime 'litert' needs ai-edge-litert: pip install ai-edge-litert==2.3.0"
                          ) from exc

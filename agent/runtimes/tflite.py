@@ -16,7 +16,7 @@ def load(path: Path, num_threads: int) -> InterpreterModel:
     if int(np.__version__.split(".")[0]) >= 2:
         raise ModelError(f"runtime 'tflite' needs numpy<2 (found {np.__version__}): {INSTALL}")
     try:
-        from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415 - lazy, optional
+        from tflite_runtime.interpreter import Interpreter
     except ImportError as exc:
         raise ModelError(f"runtime 'tflite' needs tflite-runtime: {INSTALL}") from exc
     return open_interpreter(Interpreter, "tflite", path, num_threads)

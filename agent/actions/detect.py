@@ -1,0 +1,160 @@
+"""`detect`: run a model on the frame, or on square crops around motion.
+
+With motion boxes (from a `motion` step) the model sees square crops at
+about its own input size around each moving region, so a distant walker is
+not shrunk to a few pixels; the boxes are mapped back to the whole frame and
+merged with NMS. Without motion boxes (or `crops = "frame"`) it sees the
+whole frame. The message goes on with `data = {"type": "detection",
+"detections": [...], "model": {name, version}}`, the frame in
+`meta["frame"]` and `latency_ms["infer"]`. A model that cannot load or
+raises fails the message alone; loading is retried every `runtime.reprobe_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from agent.decoders import Decoded, concat, nms
+from agent.detector import Detection, Detector, Region
+from agent.errors import ModelError, PayloadError
+from agent.frames import Frame
+from agent.models import ModelStore
+from agent.pipeline import ActionContext, Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    model: str
+    min_score: float | None = None  # default: the manifest's
+    labels: tuple[str, ...] = ()  # keep only these labels (default: all)
+    crops: Literal["auto", "motion", "frame"] = "auto"
+    max_crops: int = 4
+    crop_margin: float = 1.2  # crop side = motion box side x margin (at least the input size)
+    nms_iou: float | None = None
+    max_detections: int | None = None
+    pass_empty: bool = False  # pass frames where nothing was found (else dropped)
+
+    def __post_init__(self) -> None:
+        if self.min_score is not None and not 0 <= self.min_score <= 1:
+            raise ValueError("min_score must lie in [0, 1]")
+        if self.max_crops < 1 or self.crop_margin < 1:
+            raise ValueError("max_crops must be >= 1 and crop_margin >= 1")
+
+
+def square_regions(boxes: Sequence[Sequence[float]], width: int, height: int, min_side: int,
+                   margin: float, max_crops: int) -> list[Region]:
+    """Square pixel crops covering normalised motion boxes, largest first, merged when nested."""
+    regions: list[Region] = []
+    limit = min(width, height)
+
+    def square(b: Sequence[float]) -> Region:
+        x0, y0, x1, y1 = b[0] * width, b[1] * height, b[2] * width, b[3] * height
+        side = min(limit, max(min_side, math.ceil(max(x1 - x0, y1 - y0) * margin)))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left = int(min(max(cx - side / 2, 0), width - side))
+        top = int(min(max(cy - side / 2, 0), height - side))
+        return (left, top, left + side, top + side)
+
+    ordered = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    for b in ordered:
+        x0, y0, x1, y1 = b[0] * width, b[1] * height, b[2] * width, b[3] * height
+        if any(r[0] <= x0 and r[1] <= y0 and r[2] >= x1 and r[3] >= y1 for r in regions):
+            continue
+        regions.append(square(b))
+    if len(regions) > max_crops:  # too scattered: one crop around all of it
+        regions = [square((min(b[0] for b in boxes), min(b[1] for b in boxes),
+                           max(b[2] for b in boxes), max(b[3] for b in boxes)))]
+    return regions
+
+
+class Detect:
+    blocking: ClassVar[bool] = True  # interpreter.invoke() holds the CPU for milliseconds
+
+    def __init__(self, params: Params, ctx: ActionContext) -> None:
+        self.p = params
+        self.ctx = ctx
+        self.store = ModelStore(ctx.data_dir)
+        self.counters = ctx.telemetry.pipeline(ctx.pipeline)
+        self.detector: Detector | None = None
+        self.error: str | None = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            self.detector = Detector(self.store.resolve(self.p.model), self.ctx.runtime,
+                                     self.ctx.telemetry)
+            self.error = None
+        except ModelError as exc:
+            # The agent keeps running (status degraded): retry later, fail messages meanwhile.
+            self.error = str(exc)
+            self._next_try = time.monotonic() + float(self.ctx.runtime.reprobe_s)
+            self.ctx.telemetry.component("runtime").values["degraded"] = 1
+            log.error("pipeline %s: model %s unusable: %s", self.ctx.pipeline, self.p.model, exc)
+
+    def _ready(self) -> Detector:
+        with self._lock:
+            if self.detector is None and time.monotonic() >= self._next_try:
+                self._load()
+            if self.detector is None:
+                raise ModelError(f"model {self.p.model!r} unusable: {self.error}")
+            return self.detector
+
+    def regions(self, det: Detector, frame: Frame, motion: Any) -> list[Region] | None:
+        if self.p.crops == "frame" or (self.p.crops == "auto" and not motion):
+            return None
+        if not motion:
+            return None
+        return square_regions(motion, frame.width, frame.height, min(det.width, det.height),
+                              self.p.crop_margin, self.p.max_crops)
+
+    def run(self, det: Detector, frame: Frame, motion: Any) -> list[Detection]:
+        m = det.manifest
+        min_score = m.min_score if self.p.min_score is None else self.p.min_score
+        regions = self.regions(det, frame, motion)
+        parts: list[Decoded] = [det.detect(frame.image, r, min_score)
+                                for r in (regions if regions is not None else [None])]
+        found = concat(parts)
+        if self.p.labels and len(found):
+            wanted = np.array([m.label(int(c)) in self.p.labels for c in found.classes])
+            found = found.take(np.flatnonzero(wanted))
+        iou = m.nms_iou if self.p.nms_iou is None else self.p.nms_iou
+        limit = m.max_detections if self.p.max_detections is None else self.p.max_detections
+        found = found.take(nms(found.boxes, found.scores, iou, limit, found.classes))
+        return det.to_detections(found)
+
+    def process(self, msg: Message) -> Sequence[Message]:
+        frame = msg.data if isinstance(msg.data, Frame) else msg.meta.get("frame")
+        if not isinstance(frame, Frame):
+            raise PayloadError("detect needs a frame: put a decode step first")
+        det = self._ready()
+        t0 = time.perf_counter()
+        found = self.run(det, frame, msg.meta.get("motion"))
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.counters.observe("infer", ms)
+        self.counters.inc("frames_inferred")
+        if not found and not self.p.pass_empty:
+            return ()
+        data = {"type": "detection", "detections": [d.as_dict() for d in found],
+                "model": det.info}
+        return (msg.evolve(data=data, meta={**msg.meta, "frame": frame, "detections": found},
+                           latency_ms={**msg.latency_ms, "infer": round(ms, 3)}),)
+
+    def close(self) -> None:
+        if self.detector is not None:
+            self.detector.close()
+
+
+def build(params: Params, ctx: ActionContext) -> Detect:
+    return Detect(params, ctx)

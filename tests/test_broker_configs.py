@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Broker, Certs, find_free_port, port_open
+from brokers import ROOT, Broker, Certs, find_free_port, port_open
 from helpers import Collector, Tls, connect, make_client, publish_one, unique_topic
 
 CONF_DIR = ROOT / "broker-config"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Broker, BrokerFactory, port_open
+from brokers import Broker, BrokerFactory, port_open
 from helpers import Collector, publish_many, publish_one, unique_topic
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Broker, Certs
+from brokers import Broker, Certs
 from helpers import Collector, Tls, connect, make_client, publish_one, unique_topic
 
 

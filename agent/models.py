@@ -199,7 +199,7 @@ class ModelStore:
             return installed
         path = self.models_dir / name
         if not (path / "manifest.toml").is_file():
-            known = sorted(p.name for p in self.models_dir.glob("*/manifest.toml"))
+            known = self.names()
             raise ModelError(f"no model {name!r} (known: {', '.join(known) or 'none'}; "
                              f"manifests live in {self.models_dir}/<name>/manifest.toml)")
         return path

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import sample_image  # type: ignore[import-not-found]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -20,8 +21,6 @@ from agent.decoders.yolov8 import Yolov8Decoder
 from agent.detector import Detector
 from agent.models import ModelStore
 from agent.runtimes import TensorInfo
-
-from conftest import sample_image  # type: ignore[import-not-found]
 
 RUNTIME = RuntimeConfig(num_threads=1)
 

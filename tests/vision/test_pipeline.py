@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+from conftest import sample_image, video_frames  # type: ignore[import-not-found]
 
 from agent.actions import decode, detect, motion, snapshot, track
 from agent.config import PipelineConfig, StepConfig, TriggerConfig
@@ -17,8 +18,6 @@ from agent.frames import Frame
 from agent.motion import MotionDetector, MotionSettings
 from agent.pipeline import ActionContext, Message, Pipeline
 from agent.telemetry import Telemetry
-
-from conftest import sample_image, video_frames  # type: ignore[import-not-found]
 
 
 def jpeg_msg(img: np.ndarray, ts: float, topic: str = "cameras/a/jpeg") -> Message:
@@ -161,7 +160,7 @@ def test_a_model_that_cannot_load_fails_messages_not_the_pipeline(
 
 def test_the_event_loop_keeps_serving_while_a_model_runs_in_a_worker_thread(
         ctx_factory: Callable[..., ActionContext]) -> None:
-    """Inference in asyncio.to_thread: loop lag stays small (the figure is printed, not asserted)."""
+    """Inference runs in asyncio.to_thread: the loop keeps serving (lag printed, not asserted)."""
     ctx = ctx_factory()
     step = detect.build(detect.Params(model="person", crops="frame"), ctx)
     frame = Frame(video_frames(limit=1)[0], 1.0)

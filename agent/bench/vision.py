@@ -1,0 +1,237 @@
+"""`fogwhisk bench vision`: detection throughput and the motion gate, with baselines.
+
+One run, same frames (vtest.avi as JPEG) and the same model:
+  (a) a bare loop: imdecode + resize + invoke + decode outputs;
+  (b) the agent end to end: frames in over MQTT (local Mosquitto), events
+      out at the uplink Mosquitto; its fps over (a)'s (the bar is 0.9);
+  the motion gate's ms per frame at 640x480 and 1280x720 next to OpenCV's
+  MOG2 on the same frames, and the share of vtest.avi frames it spares
+  from inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.config import RuntimeConfig
+from agent.detector import Detector
+from agent.models import ModelStore, samples_dir
+from agent.motion import MotionDetector, MotionSettings
+
+
+def load_frames(limit: int) -> list[np.ndarray]:
+    path = samples_dir() / "vtest.avi"
+    if not path.is_file():
+        raise SystemExit(f"bench vision: {path} is missing: run scripts/fetch-samples")
+    cap = cv2.VideoCapture(str(path))
+    frames: list[np.ndarray] = []
+    while len(frames) < limit:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+def bare_loop(det: Detector, jpegs: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    for data in jpegs:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        tensor, _ = det.prepare(img)
+        det.decode(det.invoke_tensor(tensor))
+    return len(jpegs) / (time.perf_counter() - t0)
+
+
+def motion_ms(frames: list[np.ndarray], size: tuple[int, int]) -> tuple[float, float]:
+    scaled = [cv2.resize(f, size) for f in frames]
+    gate = MotionDetector(MotionSettings())
+    gate.detect(scaled[0])
+    t0 = time.perf_counter()
+    for f in scaled:
+        gate.detect(f)
+    ours = (time.perf_counter() - t0) * 1000.0 / len(scaled)
+    mog = cv2.createBackgroundSubtractorMOG2()
+    t0 = time.perf_counter()
+    for f in scaled:
+        mog.apply(f)
+    return ours, (time.perf_counter() - t0) * 1000.0 / len(scaled)
+
+
+def spared(frames: list[np.ndarray]) -> float:
+    gate = MotionDetector(MotionSettings())
+    return sum(1 for f in frames if not gate.detect(f)) / len(frames)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_broker(workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = workdir / f"{name}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "set_tcp_nodelay true\nmax_queued_messages 100000\n")
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"mosquitto {name} did not start")
+
+
+def agent_e2e(model: str, jpegs: list[bytes], threads: int, timeout_s: float) -> float:
+    """Frames per second through the agent, publish of the first to event of the last."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        local, lport = start_broker(work, "local")
+        uplink, uport = start_broker(work, "uplink")
+        cfg = work / "agent.toml"
+        cfg.write_text(f"""
+[device]
+id = "bench"
+data_dir = "{work / 'data'}"
+[local]
+url = "mqtt://127.0.0.1:{lport}"
+[uplink]
+url = "mqtt://127.0.0.1:{uport}"
+[runtime]
+num_threads = {threads}
+[[pipeline]]
+name = "bench"
+trigger = "cameras/bench/jpeg"
+steps = [
+  {{ action = "decode" }},
+  {{ action = "detect", model = "{model}", crops = "frame", pass_empty = true, min_score = 0.0 }},
+  {{ action = "publish" }},
+]
+""")
+        log = open(work / "agent.log", "wb")  # noqa: SIM115 - the child owns it
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        got = threading.Event()
+        count = [0]
+        last = [0.0]
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            count[0] += 1
+            last[0] = time.perf_counter()
+            if count[0] >= len(jpegs):
+                got.set()
+
+        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        sub.on_message = on_message
+        sub.connect("127.0.0.1", uport)
+        sub.subscribe("fog/bench/events/#", qos=1)
+        sub.loop_start()
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", lport)
+        pub.loop_start()
+        try:
+            # warm up: the agent has subscribed and loaded the model once one event arrives
+            deadline = time.monotonic() + 30
+            while count[0] == 0 and time.monotonic() < deadline:
+                pub.publish("cameras/bench/jpeg", jpegs[0], qos=1)
+                time.sleep(0.5)
+            if count[0] == 0:
+                err = (work / "agent.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the agent produced no event: {err}")
+            time.sleep(1.0)
+            count[0] = 0
+            t0 = time.perf_counter()
+            for data in jpegs:
+                pub.publish("cameras/bench/jpeg", data, qos=1)
+            got.wait(timeout_s)
+            n = count[0]
+            return n / (last[0] - t0) if n else 0.0
+        finally:
+            pub.loop_stop()
+            sub.loop_stop()
+            agent.terminate()
+            try:
+                agent.wait(15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+            for proc in (local, uplink):
+                proc.terminate()
+                proc.wait(10)
+
+
+def run(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fogwhisk bench vision")
+    ap.add_argument("--model", default="person")
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-agent", action="store_true", help="skip (b), the end-to-end run")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    frames = load_frames(args.frames)
+    jpegs = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+             for f in frames]
+    det = Detector(ModelStore().resolve(args.model), RuntimeConfig(num_threads=args.threads))
+    bare_loop(det, jpegs[:10])  # warm-up
+    bare = bare_loop(det, jpegs)
+    results: dict[str, Any] = {"model": args.model, "frames": len(jpegs),
+                               "threads": args.threads, "bare_fps": round(bare, 1)}
+    if not args.no_agent:
+        try:
+            e2e = agent_e2e(args.model, jpegs, args.threads, timeout_s=120)
+            results["agent_fps"] = round(e2e, 1)
+            results["ratio"] = round(e2e / bare, 3) if bare else 0.0
+        except Exception as exc:  # report, do not hide the rest of the figures
+            results["agent_error"] = str(exc)
+    all_frames = load_frames(10_000)
+    for w, h in ((640, 480), (1280, 720)):
+        ours, mog = motion_ms(all_frames[:200], (w, h))
+        results[f"motion_ms_{w}x{h}"] = round(ours, 3)
+        results[f"mog2_ms_{w}x{h}"] = round(mog, 2)
+    results["vtest_spared_share"] = round(spared(all_frames), 3)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    rows = [
+        ("bare loop (decode+resize+invoke+decode)", f"{results['bare_fps']} fps", "baseline"),
+        ("agent end to end (MQTT in, events up)", f"{results.get('agent_fps', 'n/a')} fps",
+         f"ratio {results.get('ratio', results.get('agent_error', 'n/a'))} (bar >= 0.9)"),
+    ]
+    for w, h in ((640, 480), (1280, 720)):
+        rows.append((f"motion gate {w}x{h}", f"{results[f'motion_ms_{w}x{h}']} ms/frame",
+                     f"MOG2 {results[f'mog2_ms_{w}x{h}']} ms/frame"))
+    rows.append(("vtest.avi frames spared from inference",
+                 f"{results['vtest_spared_share'] * 100:.1f} %", f"of {len(all_frames)}"))
+    print(f"bench vision: model {args.model}, {len(jpegs)} frames 768x576 JPEG, "
+          f"{args.threads} thread(s), pid {os.getpid()}")
+    for name, value, base in rows:
+        print(f"  {name:<44} {value:>16}   {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(sys.argv[1:]))

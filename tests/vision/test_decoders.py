@@ -6,10 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import sample_image  # type: ignore[import-not-found]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from vision_util import sample_image  # type: ignore[import-not-found]
 
 from agent.config import RuntimeConfig
 from agent.decoders import dequantize, iou_matrix, nms, raw_threshold

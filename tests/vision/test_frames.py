@@ -9,9 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import sample_image  # type: ignore[import-not-found]
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vision_util import sample_image  # type: ignore[import-not-found]
 
 from agent.errors import PayloadError
 from agent.frames import Frame, decode_payload, encode_msgpack

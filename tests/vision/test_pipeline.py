@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
-from conftest import sample_image, video_frames  # type: ignore[import-not-found]
+from vision_util import sample_image, video_frames  # type: ignore[import-not-found]
 
 from agent.actions import decode, detect, motion, snapshot, track
 from agent.config import PipelineConfig, StepConfig, TriggerConfig

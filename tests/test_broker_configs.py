@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from brokers import ROOT, Broker, Certs, find_free_port, port_open
-from helpers import Collector, Tls, connect, make_client, publish_one, unique_topic
+from helpers import (
+    Collector,
+    Tls,
+    connect,
+    make_client,
+    publish_many,
+    publish_one,
+    unique_topic,
+)
 
 CONF_DIR = ROOT / "broker-config"
 CONF_FILES = sorted(CONF_DIR.glob("*.conf"))
@@ -144,6 +152,25 @@ def test_no_persistent_config_keeps_the_default_queue_limit() -> None:
         if re.search(r"^persistence true", text, re.M):
             assert re.search(r"^max_queued_messages (0|\d{5,})$", text, re.M), path.name
             assert re.search(r"^max_queued_bytes \d+$", text, re.M), path.name
+
+
+def test_the_edge_broker_queues_past_the_default_limit_for_an_offline_agent(
+    shipped,  # type: ignore[no-untyped-def]
+) -> None:
+    """3,000 readings sent while the agent is away all wait for it (the default keeps 1,000)."""
+    edge = shipped("edge.conf")
+    url = edge.url_for(1883)
+    topic = unique_topic("sensors")
+    agent = Collector(url, topic, client_id="fogwhisk-edge-test-local", clean=False).start()
+    agent.stop()  # disconnected; its session (and subscription) stays on the broker
+    payloads = [f"{i}".encode() for i in range(3000)]
+    publish_many(url, topic, payloads, qos=1, timeout=60)
+    agent.reconnect()
+    try:
+        got = agent.wait_for(len(payloads), timeout=60)
+        assert [m.payload for m in got] == payloads
+    finally:
+        agent.stop()
 
 
 def test_the_gateway_bridge_carries_device_events_to_the_cloud_over_mtls(

@@ -45,30 +45,30 @@ class SsdPostprocessDecoder:
         # Positions of the two [1, N] tensors, in model order, for the value test at decode.
         self.pair = [p for p in range(4) if p not in (roles["boxes"], roles["count"])]
 
-    def _classes_scores(self, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _classes_scores(self, outputs: Sequence[np.ndarray],
+                        count: int) -> tuple[np.ndarray, np.ndarray]:
         if "classes" in self.roles and "scores" in self.roles:
             return (dequantize(outputs[self.roles["classes"]], self.infos[self.roles["classes"]]),
                     dequantize(outputs[self.roles["scores"]], self.infos[self.roles["scores"]]))
         a, b = (dequantize(outputs[p], self.infos[p]).reshape(-1) for p in self.pair)
-        a_int = bool(np.all(a == np.round(a)))
-        b_int = bool(np.all(b == np.round(b)))
-        if b_int and not a_int:
-            return b, a
-        if a_int and not b_int:
-            return a, b
-        # Ambiguous (e.g. all zero): scores never exceed 1, class ids may.
-        if float(a.max(initial=0)) > 1.0:
-            return a, b
-        if float(b.max(initial=0)) > 1.0:
-            return b, a
-        return a, b  # TF1 order: classes before scores
+        ha, hb = a[:count], b[:count]
+        # Classes hold whole numbers; the op sorts detections by score, best first.
+        a_cls = bool(np.all(ha == np.round(ha))) and not bool(np.all(np.diff(ha) <= 0))
+        b_cls = bool(np.all(hb == np.round(hb))) and not bool(np.all(np.diff(hb) <= 0))
+        if a_cls != b_cls:
+            return (a, b) if a_cls else (b, a)
+        if float(ha.max(initial=0)) > 1.0 or float(hb.max(initial=0)) > 1.0:
+            return (a, b) if float(ha.max(initial=0)) > 1.0 else (b, a)
+        # Still ambiguous: TF1 puts boxes first and classes before scores; TF2 exports
+        # lead with scores.
+        return (a, b) if self.roles["boxes"] == 0 else (b, a)
 
     def decode(self, outputs: Sequence[np.ndarray], min_score: float) -> Decoded:
         count_arr = outputs[self.roles["count"]]
         count = int(dequantize(count_arr, self.infos[self.roles["count"]]).reshape(-1)[0])
         if count <= 0:
             return EMPTY
-        classes, scores = self._classes_scores(outputs)
+        classes, scores = self._classes_scores(outputs, count)
         classes, scores = classes.reshape(-1)[:count], scores.reshape(-1)[:count]
         boxes = dequantize(outputs[self.roles["boxes"]],
                            self.infos[self.roles["boxes"]]).reshape(-1, 4)[:count]

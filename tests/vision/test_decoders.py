@@ -44,9 +44,16 @@ def test_every_model_matches_its_golden_outputs(store: ModelStore, name: str) ->
             outs = det.invoke_tensor(x)
             if g.outputs:
                 want = np.load(ref.directory / g.outputs)
-                for k, (info, got) in enumerate(zip(det.model.outputs, outs, strict=True)):
+                count = None
+                if ref.manifest.decoder.kind == "ssd_postprocess":
+                    # past `count` the post-processing op leaves its buffers uninitialised
+                    count = int(next(o for o in outs if o.size == 1).ravel()[0])
+                for k, (info, raw) in enumerate(zip(det.model.outputs, outs, strict=True)):
                     step = info.scale or 0.0
-                    diff = np.abs(got.astype(np.float64) - want[f"arr_{k}"]).max()
+                    got, exp = raw, want[f"arr_{k}"]
+                    if count is not None and got.size > 1:
+                        got, exp = got[:, :count], exp[:, :count]
+                    diff = np.abs(got.astype(np.float64) - exp).max()
                     # one quantisation step of slack: XNNPACK and TF's reference kernels round
                     assert diff <= max(g.atol, 1.0 if step else 1e-3), (name, k, diff)
             found = det.to_detections(det.decode(outs, 0.05))

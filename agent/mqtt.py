@@ -122,7 +122,7 @@ class Connection:
         self._loop_thread = threading.get_ident()
         attempt = 0
         try:
-            while True:
+            while not self._stopping:
                 started = time.monotonic()
                 try:
                     await self._connect_once()
@@ -137,6 +137,8 @@ class Connection:
                     self.counters.inc("connect_failures")
                 finally:
                     self._teardown()
+                if self._stopping:
+                    return
                 if time.monotonic() - started > STABLE_AFTER_S:
                     attempt = 0
                 delay = backoff_s(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
@@ -198,6 +200,10 @@ class Connection:
         sock = client.socket()
         if sock is None:
             raise ConnectError(f"cannot reach {self.cfg.url}: no socket")
+        # paho leaves Nagle on: small QoS1 PUBLISHes then wait for the peer's delayed ACK
+        # and throughput collapses to a few thousand per second.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop.add_reader(sock, self._readable)
         if client.want_write():
             self._loop.add_writer(sock, self._writable)
@@ -252,8 +258,8 @@ class Connection:
                 break
             if idle > keepalive / 2 and client.is_connected():
                 client._send_pingreq()  # paho pings only after a full keepalive
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), timeout=MISC_INTERVAL_S)
+            # Not wait_for: on 3.11 it swallows a cancel that lands as `fut` completes.
+            await asyncio.wait([fut], timeout=MISC_INTERVAL_S)
         return await fut
 
     def _fail(self, reason: str) -> None:
@@ -373,8 +379,9 @@ class Connection:
 
     # -- publishing ------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                properties: Properties | None = None,
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
+                user_properties: tuple[tuple[str, str], ...] = (),
+                expiry_s: int | None = None,
                 on_published: OnPublished | None = None) -> None:
         """Queue one PUBLISH; `on_published(reason_code, name)` runs at its PUBACK.
 
@@ -384,6 +391,12 @@ class Connection:
         client = self._client
         if client is None or not self.connected.is_set():
             raise ConnectError(f"{self.name}: not connected to {self.cfg.url}")
+        properties = self.new_properties()
+        if properties is not None:
+            if user_properties:
+                properties.UserProperty = list(user_properties)
+            if expiry_s is not None:
+                properties.MessageExpiryInterval = expiry_s
         info = client.publish(topic, payload, qos, retain, properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectError(f"{self.name}: publish failed: {paho.error_string(info.rc)}")
@@ -401,6 +414,7 @@ class Connection:
 
     async def close(self, last: Will | None = None, timeout_s: float = 2.0) -> None:
         """Publish `last` (e.g. status offline), wait for its PUBACK, then disconnect cleanly."""
+        self._stopping = True  # no reconnect, and so no second birth after the last word
         client = self._client
         if client is None or not self.connected.is_set():
             return

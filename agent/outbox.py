@@ -322,8 +322,8 @@ class Outbox:
         interval = self.cfg.commit_interval_ms / 1000.0
         while True:
             await self._wake.wait()
-            if len(self._inserts) < self.cfg.commit_max_rows:
-                await asyncio.sleep(interval)  # gather a group: one fsync for many rows
+            if interval and len(self._inserts) < self.cfg.commit_max_rows:
+                await asyncio.sleep(interval)  # linger: a bigger group for one fsync
             self._wake.clear()
             try:
                 await self.flush()

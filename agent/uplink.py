@@ -138,13 +138,10 @@ class Sender:
         if max_packet and len(row.payload) + len(row.topic) + PACKET_OVERHEAD > max_packet:
             self.outbox.to_dead(row, f"larger than the broker's maximum packet size {max_packet}")
             return True
-        props = self.conn.new_properties()
-        if props is not None:
-            props.UserProperty = [(KEY_PROPERTY, row.key)]
-            if row.expires is not None:
-                props.MessageExpiryInterval = max(1, int(row.expires - now))
+        expiry_s = max(1, int(row.expires - now)) if row.expires is not None else None
         try:
-            self.conn.publish(row.topic, row.payload, row.qos, row.retain, props,
+            self.conn.publish(row.topic, row.payload, row.qos, row.retain,
+                              user_properties=((KEY_PROPERTY, row.key),), expiry_s=expiry_s,
                               on_published=lambda rc, name: self._done(lane, row, rc, name))
         except ConnectError:
             return False

@@ -207,7 +207,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
     if profile_name is not None:
         if not isinstance(profile_name, str):
             raise ConfigError(f"{where}: device.profile: expected a string")
-        raw = overlay(load_profile(profile_name, base_dir), raw)
+        raw = overlay(load_profile(profile_name, base_dir, where), raw)
     known = {"device", "local", "uplink", "pipeline", *PROFILE_SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -289,7 +289,8 @@ class _PipelineShell:
     workers: int = 1
 
 
-def load_profile(name: str, base_dir: Path | None = None) -> dict[str, Any]:
+def load_profile(name: str, base_dir: Path | None = None,
+                 where: str = "<memory>") -> dict[str, Any]:
     """A firmware profile by name (`rpi4`) or path; only board-default sections allowed."""
     candidates = [Path(name)] if name.endswith(".toml") else []
     if base_dir is not None:
@@ -311,7 +312,8 @@ def load_profile(name: str, base_dir: Path | None = None) -> dict[str, Any]:
             build(_ProfileSections, raw, str(path))
             return raw
     known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
-    raise ConfigError(f"device.profile: no profile {name!r} (known: {', '.join(known)})")
+    raise ConfigError(
+        f"{where}: device.profile: no profile {name!r} (known: {', '.join(known)})")
 
 
 @dataclass(frozen=True, slots=True)

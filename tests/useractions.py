@@ -13,7 +13,7 @@ from typing import Any
 def double(msg: Any, factor: int = 2) -> Any:
     """Multiply the reading's `v` by `factor`; the next step publishes it."""
     value = json.loads(msg.payload)["v"]
-    return msg.evolve(data={"type": "doubled", "v": value * factor})
+    return msg.evolve(data={"type": "doubled", "value": value * factor})
 
 
 def explode_on_odd(msg: Any) -> Any:
@@ -21,7 +21,7 @@ def explode_on_odd(msg: Any) -> Any:
     value = json.loads(msg.payload)["v"]
     if value % 2:
         raise RuntimeError(f"user code failed on {value}")
-    return msg.evolve(data={"v": value})
+    return msg.evolve(data={"value": value})
 
 
 def slow(msg: Any) -> Any:

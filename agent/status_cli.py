@@ -1,0 +1,173 @@
+"""`fogwhisk status --broker URL --device ID`: a device's retained status and telemetry.
+
+The agent publishes both retained on its uplink (`{prefix}/{device}/status`,
+`{prefix}/{device}/telemetry`), so one subscription to each shows the last
+known state of a device, online or not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import topics
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def fetch(broker_url: str, device: str, prefix: str,
+          timeout_s: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The retained status and telemetry documents (None where nothing arrived in time)."""
+    parts = urlsplit(broker_url)
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+        raise ValueError(f"broker URL {broker_url!r}: expected mqtt://host:port")
+    status_topic = topics.status(prefix, device)
+    telemetry_topic = topics.telemetry(prefix, device)
+    got: dict[str, dict[str, Any]] = {}
+    done = threading.Event()
+    failure: list[str] = []
+
+    def on_connect(c: paho.Client, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            failure.append(f"{broker_url} refused the connection: {rc}")
+            done.set()
+            return
+        c.subscribe([(status_topic, 1), (telemetry_topic, 0)])
+
+    def on_message(c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            doc = {"raw": msg.payload.decode(errors="replace")}
+        got[msg.topic] = doc if isinstance(doc, dict) else {"value": doc}
+        if status_topic in got and telemetry_topic in got:
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    if parts.username:
+        client.username_pw_set(unquote(parts.username),
+                               unquote(parts.password) if parts.password else None)
+    if parts.scheme in ("mqtts", "ssl"):
+        client.tls_set()
+    client.on_connect = on_connect
+    client.on_message = on_message
+    port = parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+    try:
+        client.connect(parts.hostname, port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach {broker_url}: {exc}") from exc
+    client.loop_start()
+    try:
+        done.wait(timeout_s)
+        if not done.is_set() and status_topic in got:
+            # The status came; telemetry may follow a moment later (it is sent after birth).
+            done.wait(min(0.5, timeout_s))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if failure:
+        raise ConnectionError(failure[0])
+    return got.get(status_topic), got.get(telemetry_topic)
+
+
+def _ms(v: Any) -> str:
+    if not isinstance(v, int | float):
+        return "-"
+    return "inf" if v == float("inf") else f"{v:g}"
+
+
+def _bytes(v: Any) -> str:
+    if not isinstance(v, int | float):
+        return "-"
+    return f"{v / 1e6:.1f} MB"
+
+
+def _ago(ts: Any, now: float) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    s = max(0.0, now - ts)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 \
+        else f"{s / 3600:.1f} h ago"
+
+
+def render(device: str, status: dict[str, Any] | None,
+           telemetry: dict[str, Any] | None, now: float | None = None) -> str:
+    """The status and telemetry as a plain-text table."""
+    now = time.time() if now is None else now
+    lines = [f"device   {device}"]
+    if status is not None:
+        lines += [
+            f"state    {status.get('state', '?')}"
+            + (f" ({status['reason']})" if status.get("reason") else ""),
+            f"version  {status.get('version', '?')}",
+            f"boot     {status.get('boot', '?')} (status {_ago(status.get('ts'), now)})",
+            f"pipelines {', '.join(status.get('pipelines') or []) or 'none'}",
+        ]
+    else:
+        lines.append("state    unknown (no retained status)")
+    if telemetry is None:
+        lines.append("telemetry: none retained")
+        return "\n".join(lines)
+    lines += [
+        f"uptime   {telemetry.get('uptime_s', '?')} s, RSS {_bytes(telemetry.get('rss_bytes'))}"
+        f" (telemetry {_ago(telemetry.get('ts'), now)})",
+        "",
+    ]
+    header = ("pipeline", "in", "out", "dropped", "malformed", "errors", "p50 ms", "p95 ms")
+    rows: list[tuple[str, ...]] = [header]
+    for name, c in sorted((telemetry.get("pipelines") or {}).items()):
+        total = (c.get("latency_ms") or {}).get("total") or {}
+        dropped = sum(v for k, v in c.items() if k.startswith(("dropped", "frames_dropped"))
+                      and isinstance(v, int))
+        rows.append((name, str(c.get("in", 0)), str(c.get("out", 0)), str(dropped),
+                     str(c.get("malformed", 0)), str(c.get("errors", 0)),
+                     _ms(total.get("p50")), _ms(total.get("p95"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.rjust(w) if j else c.ljust(w)
+                               for j, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    ob = telemetry.get("outbox") or {}
+    dropped_ob = sum(v for k, v in ob.items() if k.startswith(("dropped", "rejected"))
+                     and isinstance(v, int))
+    lines += [
+        "",
+        f"outbox   backlog {ob.get('backlog', 0)} ({_bytes(ob.get('backlog_bytes', 0))}), "
+        f"delivered {ob.get('delivered', 0)}, dropped {dropped_ob}, "
+        f"dead-lettered {ob.get('dead_lettered', 0)}",
+    ]
+    for name in ("mqtt_local", "mqtt_uplink"):
+        conn = telemetry.get(name)
+        if isinstance(conn, dict):
+            brief = ", ".join(f"{k} {v}" for k, v in sorted(conn.items())
+                              if isinstance(v, int | float))
+            lines.append(f"{name[5:]:<8} {brief}")
+    return "\n".join(lines)
+
+
+def main(broker_url: str, device: str, prefix: str = "fog", timeout_s: float = 3.0) -> int:
+    """Print the table; exit 1 when nothing retained arrives within `timeout_s`."""
+    try:
+        status, telemetry = fetch(broker_url, device, prefix, timeout_s)
+    except ValueError as exc:
+        print(f"fogwhisk status: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectionError as exc:
+        print(f"fogwhisk status: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if status is None and telemetry is None:
+        print(f"fogwhisk status: nothing retained on {topics.status(prefix, device)} or "
+              f"{topics.telemetry(prefix, device)} at {broker_url} within {timeout_s:g} s "
+              "(wrong device id or prefix, or the device never connected there)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(render(device, status, telemetry))
+    return EXIT_OK

@@ -1,0 +1,327 @@
+"""MQTT 3.1.1 and 5 packets: the subset a relay needs, as plain functions over bytes.
+
+Why our own codec on the hot path: paho-mqtt builds a `Properties` object per
+MQTT 5 packet (about 50 us each: it rebuilds its name tables every time) and
+reads each packet with several `recv` calls. A relay handles four packets per
+message (PUBLISH and PUBACK on each side), so that was most of its CPU. Here a
+packet is a few `struct` calls, reads are parsed from whatever one `recv`
+returned, and writes of one loop iteration go out in one `send`.
+
+Covered: CONNECT/CONNACK, PUBLISH QoS 0 and 1 both ways, PUBACK (with reason
+codes), SUBSCRIBE/SUBACK, PINGREQ/PINGRESP, DISCONNECT. QoS 2 is not spoken:
+subscriptions ask for at most QoS 1, which the broker honours by downgrading.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
+SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+
+# Property identifiers (MQTT 5 section 2.2.2.2) and their wire types.
+MESSAGE_EXPIRY, SESSION_EXPIRY, RECEIVE_MAXIMUM = 0x02, 0x11, 0x21
+MAXIMUM_PACKET_SIZE, USER_PROPERTY, REASON_STRING = 0x27, 0x26, 0x1F
+_BYTE, _U16, _U32, _VARINT, _BIN, _STR, _PAIR = range(7)
+_PROP_TYPES = {
+    0x01: _BYTE, 0x02: _U32, 0x03: _STR, 0x08: _STR, 0x09: _BIN, 0x0B: _VARINT, 0x11: _U32,
+    0x12: _STR, 0x13: _U16, 0x15: _STR, 0x16: _BIN, 0x17: _BYTE, 0x18: _U32, 0x19: _BYTE,
+    0x1A: _STR, 0x1C: _STR, 0x1F: _STR, 0x21: _U16, 0x22: _U16, 0x23: _U16, 0x24: _BYTE,
+    0x25: _BYTE, 0x26: _PAIR, 0x27: _U32, 0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE,
+}
+
+REASONS = {
+    0x00: "Success", 0x10: "No matching subscribers", 0x80: "Unspecified error",
+    0x81: "Malformed Packet", 0x82: "Protocol Error", 0x83: "Implementation specific error",
+    0x84: "Unsupported Protocol Version", 0x85: "Client Identifier not valid",
+    0x86: "Bad User Name or Password", 0x87: "Not authorized", 0x88: "Server unavailable",
+    0x89: "Server busy", 0x8A: "Banned", 0x8B: "Server shutting down",
+    0x8C: "Bad authentication method", 0x8D: "Keep Alive timeout", 0x8E: "Session taken over",
+    0x8F: "Topic Filter invalid", 0x90: "Topic Name invalid", 0x91: "Packet Identifier in use",
+    0x93: "Receive Maximum exceeded", 0x94: "Topic Alias invalid", 0x95: "Packet too large",
+    0x96: "Message rate too high", 0x97: "Quota exceeded", 0x98: "Administrative action",
+    0x99: "Payload format invalid", 0x9A: "Retain not supported", 0x9B: "QoS not supported",
+    0x9C: "Use another server", 0x9D: "Server moved", 0x9F: "Connection rate exceeded",
+}
+# MQTT 3.1.1 CONNACK return codes, mapped onto the MQTT 5 reason codes they mean.
+V311_CONNACK = {0: 0x00, 1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
+
+
+class MalformedPacket(ValueError):
+    """Raised when bytes from the peer are not a valid MQTT packet."""
+
+
+def reason_name(code: int) -> str:
+    return REASONS.get(code, f"reason 0x{code:02X}")
+
+
+# -- encoding ------------------------------------------------------------------
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def _bin(b: bytes) -> bytes:
+    return struct.pack("!H", len(b)) + b
+
+
+def properties(props: dict[int, Any] | None) -> bytes:
+    """Encode `{identifier: value}`; USER_PROPERTY takes a sequence of (key, value)."""
+    if not props:
+        return b"\x00"
+    body = bytearray()
+    for ident, value in props.items():
+        kind = _PROP_TYPES[ident]
+        items = value if kind == _PAIR else (value,)
+        for v in items:
+            body.append(ident)
+            if kind == _BYTE:
+                body.append(v)
+            elif kind == _U16:
+                body += struct.pack("!H", v)
+            elif kind == _U32:
+                body += struct.pack("!I", v)
+            elif kind == _VARINT:
+                body += varint(v)
+            elif kind == _BIN:
+                body += _bin(v)
+            elif kind == _STR:
+                body += _str(v)
+            else:
+                body += _str(v[0]) + _str(v[1])
+    return varint(len(body)) + bytes(body)
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + varint(len(body)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class WillSpec:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def connect(client_id: str, keepalive_s: int, *, v5: bool, clean: bool,
+            username: str | None = None, password: str | None = None,
+            will: WillSpec | None = None, props: dict[int, Any] | None = None) -> bytes:
+    flags = 0x02 if clean else 0
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
+    if username is not None:
+        flags |= 0x80
+    if password is not None:
+        flags |= 0x40
+    body = _str("MQTT") + bytes((5 if v5 else 4, flags)) + struct.pack("!H", keepalive_s)
+    if v5:
+        body += properties(props)
+    body += _str(client_id)
+    if will is not None:
+        if v5:
+            body += b"\x00"  # no will properties
+        body += _str(will.topic) + _bin(will.payload)
+    if username is not None:
+        body += _str(username)
+    if password is not None:
+        body += _bin(password.encode())
+    return _packet(CONNECT << 4, body)
+
+
+def publish(topic: str, payload: bytes, qos: int, retain: bool, packet_id: int, *, v5: bool,
+            props: bytes = b"\x00", dup: bool = False) -> bytes:
+    """One PUBLISH; `props` is already encoded (see `properties`)."""
+    t = topic.encode()
+    head = struct.pack("!H", len(t)) + t
+    if qos:
+        head += struct.pack("!H", packet_id)
+    if v5:
+        head += props
+    first = (PUBLISH << 4) | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    return bytes((first,)) + varint(len(head) + len(payload)) + head + payload
+
+
+def puback(packet_id: int) -> bytes:
+    """A success PUBACK; MQTT 5 allows omitting reason and properties when both are empty."""
+    return struct.pack("!BBH", PUBACK << 4, 2, packet_id)
+
+
+def subscribe(packet_id: int, filters: tuple[tuple[str, int], ...], *, v5: bool) -> bytes:
+    body = struct.pack("!H", packet_id) + (b"\x00" if v5 else b"")
+    for topic_filter, qos in filters:
+        body += _str(topic_filter) + bytes((min(qos, 1),))
+    return _packet((SUBSCRIBE << 4) | 0x02, body)
+
+
+PINGREQ_BYTES = bytes((PINGREQ << 4, 0))
+
+
+def disconnect(*, v5: bool, reason: int = 0) -> bytes:
+    return _packet(DISCONNECT << 4, bytes((reason, 0)) if v5 and reason else b"")
+
+
+# -- decoding ------------------------------------------------------------------
+
+class Reader:
+    """Splits a byte stream into packets: feed what `recv` returned, get whole packets."""
+
+    __slots__ = ("buf", "max_size")
+
+    def __init__(self, max_size: int = 268_435_455) -> None:
+        self.buf = b""
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """(type, flags, body) of every complete packet; the rest waits for more bytes."""
+        buf = self.buf + data if self.buf else data
+        out: list[tuple[int, int, bytes]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            first = buf[pos]
+            length = shift = 0
+            i = pos + 1
+            while True:
+                if i >= end:
+                    self.buf = buf[pos:]
+                    return out
+                b = buf[i]
+                length |= (b & 0x7F) << shift
+                i += 1
+                if not b & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MalformedPacket("remaining length longer than 4 bytes")
+            if length > self.max_size:
+                raise MalformedPacket(f"packet of {length} bytes exceeds {self.max_size}")
+            if end - i < length:
+                break
+            out.append((first >> 4, first & 0x0F, buf[i:i + length]))
+            pos = i + length
+        self.buf = buf[pos:]
+        return out
+
+
+def _read_varint(b: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = b[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return n, pos
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("variable byte integer longer than 4 bytes")
+
+
+def read_properties(b: bytes, pos: int) -> tuple[dict[int, Any], int]:
+    length, pos = _read_varint(b, pos)
+    end = pos + length
+    props: dict[int, Any] = {}
+    while pos < end:
+        ident = b[pos]
+        pos += 1
+        kind = _PROP_TYPES.get(ident)
+        if kind is None:
+            raise MalformedPacket(f"unknown property 0x{ident:02X}")
+        value: Any
+        if kind == _BYTE:
+            value = b[pos]
+            pos += 1
+        elif kind == _U16:
+            (value,) = struct.unpack_from("!H", b, pos)
+            pos += 2
+        elif kind == _U32:
+            (value,) = struct.unpack_from("!I", b, pos)
+            pos += 4
+        elif kind == _VARINT:
+            value, pos = _read_varint(b, pos)
+        elif kind in (_BIN, _STR):
+            (n,) = struct.unpack_from("!H", b, pos)
+            raw = bytes(b[pos + 2:pos + 2 + n])
+            value = raw if kind == _BIN else raw.decode()
+            pos += 2 + n
+        else:
+            (n,) = struct.unpack_from("!H", b, pos)
+            k = bytes(b[pos + 2:pos + 2 + n]).decode()
+            pos += 2 + n
+            (m,) = struct.unpack_from("!H", b, pos)
+            v = bytes(b[pos + 2:pos + 2 + m]).decode()
+            pos += 2 + m
+            props.setdefault(ident, []).append((k, v))
+            continue
+        props[ident] = value
+    if pos != end:
+        raise MalformedPacket("property lengths do not add up")
+    return props, end
+
+
+def read_connack(b: bytes, *, v5: bool) -> tuple[bool, int, dict[int, Any]]:
+    """(session present, reason code in MQTT 5 terms, properties)."""
+    if len(b) < 2:
+        raise MalformedPacket("CONNACK shorter than 2 bytes")
+    session = bool(b[0] & 1)
+    if not v5:
+        return session, V311_CONNACK.get(b[1], 0x80), {}
+    props, _ = read_properties(b, 2) if len(b) > 2 else ({}, 2)
+    return session, b[1], props
+
+
+def read_publish(b: bytes, flags: int, *, v5: bool
+                 ) -> tuple[str, int, int, dict[int, Any] | None, bytes]:
+    """(topic, qos, packet id or 0, properties, payload)."""
+    qos = (flags >> 1) & 3
+    try:
+        (n,) = struct.unpack_from("!H", b, 0)
+        topic = bytes(b[2:2 + n]).decode()
+        pos = 2 + n
+        packet_id = 0
+        if qos:
+            (packet_id,) = struct.unpack_from("!H", b, pos)
+            pos += 2
+        props = None
+        if v5:
+            if b[pos] == 0:
+                pos += 1
+            else:
+                props, pos = read_properties(b, pos)
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise MalformedPacket(f"bad PUBLISH: {exc}") from exc
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")
+    return topic, qos, packet_id, props, bytes(b[pos:])
+
+
+def read_ack(b: bytes) -> tuple[int, int]:
+    """PUBACK (or SUBACK's id): (packet id, reason code; 0 when omitted)."""
+    if len(b) < 2:
+        raise MalformedPacket("acknowledgement shorter than 2 bytes")
+    (packet_id,) = struct.unpack_from("!H", b, 0)
+    return packet_id, b[2] if len(b) > 2 else 0
+
+
+def read_suback(b: bytes, *, v5: bool) -> tuple[int, list[int]]:
+    (packet_id,) = struct.unpack_from("!H", b, 0)
+    pos = 2
+    if v5:
+        _, pos = read_properties(b, pos)
+    return packet_id, list(b[pos:])
+
+
+def read_disconnect(b: bytes) -> int:
+    return b[0] if len(b) else 0

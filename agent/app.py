@@ -36,6 +36,7 @@ from agent.uplink import Sender
 log = logging.getLogger(__name__)
 
 PIPELINE_RESTART_S = 1.0
+ROUTE_CACHE_SIZE = 10_000  # topics whose matching pipelines are remembered
 
 
 class Agent:
@@ -49,6 +50,7 @@ class Agent:
         self.outbox = Outbox(cfg.data_dir, cfg.outbox, self.telemetry)
         self.pipelines: dict[str, Pipeline] = {}
         self.routes: list[tuple[str, Pipeline]] = []
+        self._route_cache: dict[str, list[Pipeline]] = {}
         self.accepting = True
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -97,8 +99,10 @@ class Agent:
                 boot_id=self.boot_id, telemetry=self.telemetry, next_seq=seq.__next__)
             spec = registry.lookup(step.action, f"pipeline {pcfg.name} step {i}")
             actions.append(spec.build(step.params, ctx))
-        return Pipeline(pcfg, actions, self.telemetry, self.outbox.submit,
-                        room=self.outbox.wait_room)
+        p = Pipeline(pcfg, actions, self.telemetry, self.outbox.submit,
+                     room=self.outbox.wait_room)
+        p.room_now = self.outbox.has_room
+        return p
 
     # -- running -----------------------------------------------------------------
 
@@ -197,7 +201,12 @@ class Agent:
         """Route a local message to every pipeline whose trigger matches; ack once all are done."""
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to the next session
-        targets = [p for f, p in self.routes if topics.matches(f, inbound.topic)]
+        targets = self._route_cache.get(inbound.topic)
+        if targets is None:
+            targets = [p for f, p in self.routes if topics.matches(f, inbound.topic)]
+            if len(self._route_cache) >= ROUTE_CACHE_SIZE:
+                self._route_cache.clear()  # a burst of new topics: start over, stay bounded
+            self._route_cache[inbound.topic] = targets
         if not targets:
             inbound.ack()
             return

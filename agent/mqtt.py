@@ -217,7 +217,8 @@ class Connection:
                                  will=will, props=props))
         self.last_in = time.monotonic()
         try:
-            done, _ = await asyncio.wait([self._connack, proto.lost], timeout=timeout,
+            waits: list[asyncio.Future[Any]] = [self._connack, proto.lost]
+            done, _ = await asyncio.wait(waits, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not self._connack.done():
@@ -251,7 +252,8 @@ class Connection:
     async def _subscribe(self, proto: _Protocol) -> None:
         self._suback = asyncio.get_running_loop().create_future()
         proto.send(codec.subscribe(self._packet_id(), self.subscriptions, v5=self.v5))
-        done, _ = await asyncio.wait([self._suback, proto.lost],
+        waits: list[asyncio.Future[Any]] = [self._suback, proto.lost]
+        done, _ = await asyncio.wait(waits,
                                      timeout=float(self.cfg.connect_timeout_s),
                                      return_when=asyncio.FIRST_COMPLETED)
         if self._suback not in done:

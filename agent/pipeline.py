@@ -23,9 +23,13 @@ from agent.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One item moving through a pipeline; `data` is what the previous step made of it."""
+    """One item moving through a pipeline; `data` is what the previous step made of it.
+
+    Treated as immutable (steps return `evolve()`d copies) but not `frozen`: one is
+    made per relayed message, and a frozen __init__ costs 1.4 us against 0.3 us.
+    """
 
     topic: str
     payload: bytes
@@ -109,13 +113,25 @@ class Pipeline:
         self.telemetry = telemetry
         self.emit = emit  # hands outputs to the outbox; `done` runs once they are durable
         self.room = room  # waits while the outbox refuses new rows (reject_new)
+        self.room_now: Callable[[], bool] | None = None  # the same, without waiting
+        self.counters = telemetry.pipeline(cfg.name)
         self.queue: asyncio.Queue[tuple[Message, Done | None]] = asyncio.Queue()
         self.blocking = any(a.blocking for a in actions)
         self.busy = False  # a batch is being processed (shutdown waits for it)
+        self.inline = not self.blocking
         self._step_names = [f"{i}:{s.action}" for i, s in enumerate(cfg.steps)]
 
     def offer(self, msg: Message, done: Done | None) -> None:
-        """Enqueue from the dispatcher. The queue is bounded by the broker's receive maximum."""
+        """Take a message from the dispatcher.
+
+        A pipeline of cheap steps with nothing queued runs the message right here, on
+        the loop (no queue, no task switch: this is the relay's hot path); otherwise it
+        queues. The queue is bounded by the broker's receive maximum.
+        """
+        if self.inline and not self.busy and self.queue.empty() and \
+                (self.room_now is None or self.room_now()):
+            self.emit(self.process(msg), done)
+            return
         self.queue.put_nowait((msg, done))
 
     async def run(self) -> None:
@@ -155,7 +171,7 @@ class Pipeline:
 
     def process(self, msg: Message) -> list[Outgoing]:
         """Run every step; a step that raises drops this message only, counted and logged."""
-        counters = self.telemetry.pipeline(self.name)
+        counters = self.counters
         counters.inc("in")
         t0 = time.perf_counter()
         outs = self._run_from(0, [msg])
@@ -163,7 +179,7 @@ class Pipeline:
         return outs
 
     def _run_from(self, start: int, current: list[Message]) -> list[Outgoing]:
-        counters = self.telemetry.pipeline(self.name)
+        counters = self.counters
         outs: list[Outgoing] = []
         for i in range(start, len(self.actions)):
             action = self.actions[i]

@@ -96,7 +96,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.schema import to_dict
 
         cfg = config.load(args.config)
-        print(json.dumps(to_dict(cfg), indent=2, default=str))
+        print(json.dumps(_redacted(to_dict(cfg)), indent=2, default=str))
         print(f"{args.config}: ok", file=sys.stderr)
         return EXIT_OK
     if args.command == "outbox":
@@ -117,6 +117,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return bench.main(args.suite, args.args)
     return EXIT_USAGE
+
+
+def _redacted(value: object) -> object:
+    """The effective config without secrets: passwords print as ***."""
+    if isinstance(value, dict):
+        return {k: "***" if k == "password" and v else _redacted(v) for k, v in value.items()}
+    if isinstance(value, str) and "://" in value and "@" in value:  # mqtt://user:pw@host
+        scheme, _, rest = value.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        return f"{scheme}://{userinfo.split(':')[0]}:***@{host}" if ":" in userinfo else value
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -99,6 +100,7 @@ class Closable(Protocol):
 
 
 Done = Callable[[], None]
+_Item = tuple[list[Message], list[Outgoing], Done | None, float]  # one input in the line
 
 
 class Pipeline:
@@ -119,6 +121,8 @@ class Pipeline:
         self.blocking = any(a.blocking for a in actions)
         self.busy = False  # a batch is being processed (shutdown waits for it)
         self.inline = not self.blocking
+        self._executors: list[ThreadPoolExecutor] = []
+        self._inflight = 0  # messages inside the assembly line (staged pipelines)
         self._step_names = [f"{i}:{s.action}" for i, s in enumerate(cfg.steps)]
 
     def offer(self, msg: Message, done: Done | None) -> None:
@@ -136,12 +140,22 @@ class Pipeline:
 
     async def run(self) -> None:
         timed = [(i, a) for i, a in enumerate(self.actions) if hasattr(a, "tick")]
-        if timed:
+        staged = self.blocking and len(self.actions) > 1
+        if staged:
+            self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{i}")
+                               for i in range(len(self.actions))]
+        try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._ticker(timed), name=f"pipeline:{self.name}:tick")
-                await self._consume()
-        else:
-            await self._consume()
+                if timed:
+                    tg.create_task(self._ticker(timed), name=f"pipeline:{self.name}:tick")
+                if staged:
+                    await self._staged(tg)
+                else:
+                    await self._consume()
+        finally:
+            for ex in self._executors:
+                ex.shutdown(wait=False, cancel_futures=True)
+            self._executors = []
 
     async def _consume(self) -> None:
         q = self.queue
@@ -164,6 +178,47 @@ class Pipeline:
             finally:
                 self.busy = False
 
+    async def _staged(self, tg: asyncio.TaskGroup) -> None:
+        """An assembly line: each step on its own thread, bounded queues between steps.
+
+        While step k+1 (inference) works on frame n, step k (decoding) already works on
+        frame n+1, so a multi-core board overlaps them; and each action always runs on
+        the same thread (interpreters and trackers are not shared between threads).
+        """
+        n = len(self.actions)
+        stages: list[asyncio.Queue[_Item]] = [asyncio.Queue(maxsize=2) for _ in range(n)]
+        for i in range(n):
+            tg.create_task(self._stage(i, stages), name=f"pipeline:{self.name}:step{i}")
+        while True:
+            msg, done = await self.queue.get()
+            if self.room is not None:
+                await self.room()
+            self.counters.inc("in")
+            self._inflight += 1
+            self.busy = True
+            await stages[0].put(([msg], [], done, time.perf_counter()))
+
+    async def _stage(self, i: int, stages: list[asyncio.Queue[_Item]]) -> None:
+        loop = asyncio.get_running_loop()
+        action = self.actions[i]
+        last = i + 1 == len(stages)
+        while True:
+            current, outs, done, t0 = await stages[i].get()
+            if action.blocking:
+                nxt, produced = await loop.run_in_executor(self._executors[i], self._step, i,
+                                                           current)
+            else:
+                nxt, produced = self._step(i, current)
+            outs = outs + produced if produced else outs
+            if nxt and not last:
+                await stages[i + 1].put((nxt, outs, done, t0))
+                continue
+            self.counters.observe("total", (time.perf_counter() - t0) * 1000.0)
+            self.counters.inc("out", len(outs))
+            self._inflight -= 1
+            self.busy = self._inflight > 0
+            self.emit(outs, done)
+
     def _process_batch(
         self, batch: list[tuple[Message, Done | None]]
     ) -> list[tuple[list[Outgoing], Done | None]]:
@@ -176,41 +231,47 @@ class Pipeline:
         t0 = time.perf_counter()
         outs = self._run_from(0, [msg])
         counters.observe("total", (time.perf_counter() - t0) * 1000.0)
+        counters.inc("out", len(outs))
         return outs
 
     def _run_from(self, start: int, current: list[Message]) -> list[Outgoing]:
-        counters = self.counters
         outs: list[Outgoing] = []
         for i in range(start, len(self.actions)):
-            action = self.actions[i]
-            nxt: list[Message] = []
-            for m in current:
-                ts = time.perf_counter()
-                try:
-                    produced: Iterable[Message | Outgoing] = action.process(m)
-                except PayloadError as exc:
-                    counters.inc("malformed")
-                    self.telemetry.warn_burst(
-                        f"malformed:{self.name}", "pipeline %s step %s: dropped malformed "
-                        "message on %s: %s", self.name, self._step_names[i], m.topic, exc)
-                    continue
-                except Exception as exc:
-                    counters.inc("errors")
-                    self.telemetry.warn_burst(
-                        f"error:{self.name}:{i}", "pipeline %s step %s failed on %s: %r",
-                        self.name, self._step_names[i], m.topic, exc, exc_info=True)
-                    continue
-                counters.observe(self._step_names[i], (time.perf_counter() - ts) * 1000.0)
-                for p in produced:
-                    if isinstance(p, Outgoing):
-                        outs.append(p)
-                    else:
-                        nxt.append(p)
-            current = nxt
+            current, produced = self._step(i, current)
+            outs += produced
             if not current:
                 break
-        counters.inc("out", len(outs))
         return outs
+
+    def _step(self, i: int, current: list[Message]) -> tuple[list[Message], list[Outgoing]]:
+        """Step `i` on each message; what goes on, and what leaves for the outbox."""
+        counters = self.counters
+        action = self.actions[i]
+        nxt: list[Message] = []
+        outs: list[Outgoing] = []
+        for m in current:
+            ts = time.perf_counter()
+            try:
+                produced: Iterable[Message | Outgoing] = action.process(m)
+            except PayloadError as exc:
+                counters.inc("malformed")
+                self.telemetry.warn_burst(
+                    f"malformed:{self.name}", "pipeline %s step %s: dropped malformed "
+                    "message on %s: %s", self.name, self._step_names[i], m.topic, exc)
+                continue
+            except Exception as exc:
+                counters.inc("errors")
+                self.telemetry.warn_burst(
+                    f"error:{self.name}:{i}", "pipeline %s step %s failed on %s: %r",
+                    self.name, self._step_names[i], m.topic, exc, exc_info=True)
+                continue
+            counters.observe(self._step_names[i], (time.perf_counter() - ts) * 1000.0)
+            for p in produced:
+                if isinstance(p, Outgoing):
+                    outs.append(p)
+                else:
+                    nxt.append(p)
+        return nxt, outs
 
     async def _ticker(self, timed: list[tuple[int, Any]]) -> None:
         interval = min(float(a.interval_s) for _, a in timed)
@@ -219,7 +280,11 @@ class Pipeline:
             now = time.time()
             for i, a in timed:
                 try:
-                    produced = list(a.tick(now))
+                    if self._executors:  # the step's own thread: tick and process never race
+                        produced = list(await asyncio.get_running_loop().run_in_executor(
+                            self._executors[i], a.tick, now))
+                    else:
+                        produced = list(a.tick(now))
                 except Exception:
                     log.exception("pipeline %s: tick of step %s failed", self.name,
                                   self._step_names[i])

@@ -36,6 +36,7 @@ from agent.uplink import Sender
 log = logging.getLogger(__name__)
 
 PIPELINE_RESTART_S = 1.0
+READY_WAIT_LOCAL_S = 10.0
 ROUTE_CACHE_SIZE = 10_000  # topics whose matching pipelines are remembered
 
 
@@ -135,6 +136,10 @@ class Agent:
                     elif trig.every_s is not None:
                         tasks.append(tg.create_task(self._timer(p, float(trig.every_s)),
                                                     name=f"timer:{p.name}"))
+                # READY once the sensor bus is subscribed (bounded: a broker that is down at
+                # boot must not fail the unit; the connection keeps retrying meanwhile).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.local.connected.wait(), READY_WAIT_LOCAL_S)
                 self.ready.set()
                 systemd.ready(f"pipelines: {', '.join(self.pipelines) or 'none'}")
                 log.info("fogwhisk %s ready in %.0f ms: device %s, pipelines %s", __version__,

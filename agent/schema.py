@@ -29,9 +29,12 @@ def parse_size(value: object, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).upper() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+        m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*", value)
+        if m and m.group(3).upper() in _SIZE_UNITS:
+            unit = _SIZE_UNITS[m.group(3).upper()]
+            frac = m.group(2) or ""
+            # Exact integer arithmetic: a float would round sizes above 2**53.
+            return (int(m.group(1)) * unit) + (int(frac) * unit // 10 ** len(frac) if frac else 0)
     raise ConfigError(f"{where}: expected a size like 256MB or 1GiB, got {value!r}")
 
 

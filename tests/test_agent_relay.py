@@ -123,3 +123,24 @@ def test_relaying_continues_and_nothing_is_lost_across_an_uplink_restart(
         rc = agent.stop()
         cloud.stop()
         assert rc == 0, agent.log()
+
+
+def test_mqtt_311_on_both_sides_relays_byte_for_byte(
+    tmp_path: Path, local_broker: Broker, uplink_broker: Broker
+) -> None:
+    """MQTT 3.1.1 brokers (older gateways, some cloud endpoints) work on either side."""
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, RELAY,
+                       uplink_extra='protocol = "3.1.1"')
+    cfg.write_text(cfg.read_text().replace("[local]\n", '[local]\nprotocol = "3.1.1"\n', 1))
+    topic = unique_topic("sensors")
+    payloads = [os.urandom(i % 300) for i in range(300)]
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, f"{topic}/marker")
+            publish_many(local_broker.url, topic, payloads, qos=1)
+            got = cloud.wait_for(len(payloads), topic=f"fog/{DEVICE}/{topic}")
+            assert [m.payload for m in got] == payloads
+        finally:
+            assert agent.stop() == 0, agent.log()

@@ -51,6 +51,7 @@ class Sender:
         self._wake = asyncio.Event()
         self._inflight = 0
         outbox.on_rows = self._committed
+        outbox.on_evicted = self._evicted
         for priority in outbox.lanes_on_disk:
             self._lane(priority).on_disk = True  # a backlog from before: stream it
 
@@ -78,11 +79,26 @@ class Sender:
                 lane.on_disk = True  # the lane streams from disk until it catches up
         self._wake.set()
 
+    def _evicted(self, priority: int, upto: int) -> None:
+        """drop_oldest removed this lane's rows up to `upto`: forget those not yet sent.
+
+        Rows already in flight stay in flight (the broker counts them against
+        its receive maximum); the outbox ignores their acknowledgements.
+        """
+        lane = self.lanes.get(priority)
+        if lane is None:
+            return
+        q = lane.queue
+        while q and q[0].id <= upto:
+            q.popleft()
+        lane.loaded_to = max(lane.loaded_to, upto)
+
     def connection_lost(self) -> None:
         """Everything sent but unacknowledged goes again, in order, after the reconnect."""
         for lane in self.lanes.values():
             if lane.unacked:
-                lane.queue.extendleft(reversed(list(lane.unacked.values())))
+                again = [r for r in lane.unacked.values() if not self.outbox.gone(r)]
+                lane.queue.extendleft(reversed(again))
                 lane.unacked.clear()
         self._inflight = 0
 

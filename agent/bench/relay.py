@@ -1,0 +1,268 @@
+"""`fogwhisk bench relay`: the agent's durable relay next to a Mosquitto bridge, same hop.
+
+All in one run on this machine, C clients at both ends (as FACTS.md's baseline):
+  (a) mosquitto_pub -l -> local broker -> agent (durable outbox) -> uplink -> mosquitto_sub
+  (b) mosquitto_pub -l -> local broker -> Mosquitto bridge     -> uplink -> mosquitto_sub
+QoS1, 100-byte payloads. Then: a backlog buffered while the uplink is down and
+its drain rate after the uplink returns; bytes on disk per buffered message; the
+agent's RSS holding a large backlog (streamed from disk, never loaded whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.config import OutboxConfig
+from agent.outbox import DB_NAME, Store
+from agent.pipeline import Outgoing
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TEST_CONF = ROOT / "broker-config" / "test.conf"
+PAYLOAD = b"x" * 100  # one line for mosquitto_pub -l (which strips the newline)
+TOPIC = "sensors/bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Broker:
+    """One Mosquitto from broker-config/test.conf plus `extra` lines, on a free port."""
+
+    def __init__(self, work: Path, name: str, extra: str = "", port: int = 0) -> None:
+        self.port = port or _free_port()
+        self.dir = work / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.dir / "mosquitto.conf"
+        lines = [TEST_CONF.read_text(), "max_inflight_messages 1000",
+                 "user root" if os.geteuid() == 0 else "", "persistence false",
+                 f"listener {self.port} 127.0.0.1", extra]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with open(self.dir / "log", "ab") as log:
+            self.proc = subprocess.Popen([mosquitto, "-c", str(self.conf)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        _wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _publish(port: int, n: int) -> None:
+    """n 100-byte payloads through one mosquitto_pub -l (QoS1)."""
+    pub = subprocess.Popen(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", TOPIC, "-l"],
+                           stdin=subprocess.PIPE)
+    assert pub.stdin is not None
+    line = PAYLOAD + b"\n"  # mosquitto_pub -l sends the line without it
+    chunk = line * 1000
+    for _ in range(n // 1000):
+        pub.stdin.write(chunk)
+    pub.stdin.write(line * (n % 1000))
+    pub.stdin.close()
+    pub.wait()
+
+
+def _subscriber(port: int, topic: str, n: int) -> subprocess.Popen[bytes]:
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-t", topic,
+                            "-C", str(n), "-i", f"bench-sub-{os.getpid()}"],
+                           stdout=subprocess.DEVNULL)
+    time.sleep(0.3)  # subscribed (mosquitto_sub gives no signal)
+    return sub
+
+
+def _agent_config(work: Path, local: int, uplink: int, extra: str = "") -> Path:
+    cfg = work / "agent.toml"
+    cfg.write_text(f"""
+[device]
+id = "bench"
+data_dir = "{work / 'data'}"
+[local]
+url = "mqtt://127.0.0.1:{local}"
+[uplink]
+url = "mqtt://127.0.0.1:{uplink}"
+reconnect_min_s = "0.1s"
+reconnect_max_s = "0.5s"
+[outbox]
+max_messages = 5000000
+max_bytes = "2GB"
+min_free_bytes = "0"
+{extra}
+[[pipeline]]
+name = "relay"
+trigger = "sensors/#"
+steps = [{{ action = "forward" }}]
+""")
+    return cfg
+
+
+@contextmanager
+def _agent(cfg: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(cfg.parent / "agent.log", "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        deadline = time.monotonic() + 30
+        while " ready in " not in (cfg.parent / "agent.log").read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("agent did not start:\n"
+                                   + (cfg.parent / "agent.log").read_text(errors="replace"))
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _rate(local: int, uplink: int, topic: str, n: int) -> float:
+    sub = _subscriber(uplink, topic, n)
+    t0 = time.perf_counter()
+    _publish(local, n)
+    sub.wait(600)
+    return n / (time.perf_counter() - t0)
+
+
+def _backlog(data: Path) -> int:
+    db = sqlite3.connect(f"file:{data / DB_NAME}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM rows").fetchone()[0])
+    finally:
+        db.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _fill(data: Path, n: int) -> None:
+    """Write a backlog of n 100-byte rows straight into an outbox file, as the agent would."""
+    store = Store(data / DB_NAME, OutboxConfig())
+    batch = 5000
+    for start in range(0, n, batch):
+        store.commit([Outgoing(f"fog/bench/{TOPIC}", PAYLOAD, f"bench:fill:{i}", "relay")
+                      for i in range(start, min(n, start + batch))], [], [], 0, False)
+    store.close()
+
+
+def run(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fogwhisk bench relay")
+    ap.add_argument("--messages", type=int, default=50_000)
+    ap.add_argument("--backlog", type=int, default=100_000, help="drained after an outage")
+    ap.add_argument("--rss-backlog", type=int, default=1_000_000)
+    args = ap.parse_args(argv)
+    rows: list[tuple[str, str, str, str, str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="fogwhisk-bench-relay-") as tmp:
+        work = Path(tmp)
+        # (b) the Mosquitto bridge, same hop.
+        uplink = Broker(work, "uplink-b").start()
+        local = Broker(work, "local-b", f"""
+connection bench
+address 127.0.0.1:{uplink.port}
+topic sensors/# out 1 "" fog/bridge/
+cleansession true
+keepalive_interval 30
+""").start()
+        time.sleep(0.5)
+        try:
+            bridge = _rate(local.port, uplink.port, "fog/bridge/#", args.messages)
+        finally:
+            local.stop()
+            uplink.stop()
+        # (a) the agent, durable.
+        uplink = Broker(work, "uplink-a").start()
+        local = Broker(work, "local-a").start()
+        (work / "a").mkdir()
+        cfg = _agent_config(work / "a", local.port, uplink.port)
+        try:
+            with _agent(cfg):
+                agent = _rate(local.port, uplink.port, "fog/bench/#", args.messages)
+                # Outage: the uplink goes away, a backlog builds, then it comes back.
+                uplink.stop()
+                _publish(local.port, args.backlog)
+                deadline = time.monotonic() + 300
+                while _backlog(work / "a" / "data") < args.backlog:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("backlog never reached the outbox")
+                    time.sleep(0.2)
+                disk = sum(p.stat().st_size for p in (work / "a" / "data").glob(f"{DB_NAME}*"))
+                uplink.start()
+                sub = _subscriber(uplink.port, "fog/bench/#", args.backlog)
+                t0 = time.perf_counter()
+                sub.wait(600)
+                drain = args.backlog / (time.perf_counter() - t0)
+        finally:
+            local.stop()
+            uplink.stop()
+        # RSS holding a big backlog: filled offline, the agent started with no uplink.
+        (work / "r").mkdir()
+        _fill(work / "r" / "data", args.rss_backlog)
+        disk_big = sum(p.stat().st_size for p in (work / "r" / "data").glob(f"{DB_NAME}*"))
+        local = Broker(work, "local-r").start()
+        try:
+            with _agent(_agent_config(work / "r", local.port, _free_port())) as proc:
+                time.sleep(3)
+                rss_mib = _rss_kib(proc.pid) / 1024
+        finally:
+            local.stop()
+    ratio = agent / bridge
+    per_msg = disk / args.backlog
+    per_msg_big = disk_big / args.rss_backlog
+    rows = [
+        ("relay, agent durable (msg/s)", f"{agent:,.0f}", f"bridge {bridge:,.0f}",
+         f"{ratio:.2f}", ">= 0.50", ratio >= 0.5),
+        (f"drain after outage, {args.backlog:,} msgs (msg/s)", f"{drain:,.0f}", "-", "-",
+         ">= 10,000", drain >= 10_000),
+        (f"disk per buffered msg, {args.backlog:,} (B)", f"{per_msg:,.0f}", "-", "-",
+         "<= 200", per_msg <= 200),
+        (f"disk per buffered msg, {args.rss_backlog:,} (B)", f"{per_msg_big:,.0f}", "-", "-",
+         "<= 200", per_msg_big <= 200),
+        (f"agent RSS, {args.rss_backlog:,} backlog (MiB)", f"{rss_mib:,.1f}", "-", "-",
+         "<= 100", rss_mib <= 100),
+    ]
+    print(f"{'figure':<44} {'value':>10} {'baseline':>16} {'ratio':>6} {'bar':>10}  result")
+    for name, value, base, r, bar, ok in rows:
+        print(f"{name:<44} {value:>10} {base:>16} {r:>6} {bar:>10}  {'pass' if ok else 'FAIL'}")
+    return 0 if all(r[5] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

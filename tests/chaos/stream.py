@@ -1,0 +1,83 @@
+"""Numbered QoS1 readings in, what reached the uplink out, and the verdict on them.
+
+Accepted = PUBACKed by the local broker (it then holds the reading in the agent's
+persistent session until the agent acknowledges it after its outbox commit).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from helpers import Collector, connect, make_client
+
+TOPIC = "sensors/chaos"
+
+
+class Stream:
+    """Publishes n = 0, 1, 2, ... on TOPIC in a thread; records which were PUBACKed."""
+
+    def __init__(self, url: str, rate_hz: float = 400.0) -> None:
+        self.url = url
+        self.rate_hz = rate_hz
+        self.accepted: list[int] = []
+        self.next = 0
+        self._stop = threading.Event()
+        self._client = make_client(url)
+        connect(self._client, url)
+        self._thread: threading.Thread | None = None
+
+    def publish(self, count: int) -> None:
+        infos = []
+        for _ in range(count):
+            infos.append((self.next, self._client.publish(TOPIC, str(self.next).encode(), 1)))
+            self.next += 1
+        for n, info in infos:
+            info.wait_for_publish(30)
+            if info.is_published():
+                self.accepted.append(n)
+
+    def start(self) -> Stream:
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.publish(max(1, int(self.rate_hz / 20)))
+                time.sleep(0.05)
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def received(cloud: Collector, device: str) -> list[int]:
+    return [int(m.payload) for m in cloud.snapshot(f"fog/{device}/{TOPIC}")]
+
+
+def wait_all(cloud: Collector, device: str, accepted: list[int], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    want = set(accepted)
+    while not want <= set(received(cloud, device)):
+        if time.monotonic() > deadline:
+            missing = sorted(want - set(received(cloud, device)))
+            raise AssertionError(f"{len(missing)} accepted readings never arrived: "
+                                 f"{missing[:20]}")
+        time.sleep(0.1)
+
+
+def verdict(got: list[int], accepted: list[int], faults: int, window: int) -> None:
+    """Zero loss, duplicates at most the in-flight window per fault, order kept."""
+    assert not set(accepted) - set(got), "lost accepted readings"
+    dups = len(got) - len(set(got))
+    assert dups <= faults * window, f"{dups} duplicates for {faults} faults (window {window})"
+    first: list[int] = []
+    seen: set[int] = set()
+    for n in got:
+        if n not in seen:
+            seen.add(n)
+            first.append(n)
+    assert first == sorted(first), "order per lane not kept"

@@ -103,6 +103,7 @@ class Agent:
         p = Pipeline(pcfg, actions, self.telemetry, self.outbox.submit,
                      room=self.outbox.wait_room)
         p.room_now = self.outbox.has_room
+        p.save_state = self.outbox.save_state
         return p
 
     # -- running -----------------------------------------------------------------
@@ -112,8 +113,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         await self.outbox.open()
+        states = await self.outbox.states()
         for pcfg in self.cfg.pipelines:
             p = self._build_pipeline(pcfg)
+            p.restore(states)
             self.pipelines[p.name] = p
             if pcfg.trigger.topic is not None:
                 self.routes.append((pcfg.trigger.topic, p))

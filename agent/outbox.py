@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, lane INTEGER, topic TEXT, key TEXT, qos INTEGER, retain INTEGER,
     created REAL, expires REAL, payload BLOB, reason TEXT, dead_at REAL
 );
+-- Step state (open windows): committed with the acks of the inputs folded into it.
+CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 """
 
 
@@ -170,8 +172,8 @@ class Store:
         return self._names[n]
 
     def commit(self, inserts: list[Outgoing], deletes: list[tuple[int, int]],
-               dead: list[tuple[Row, str]], evict: int,
-               durable: bool) -> tuple[list[Row], list[Evicted]]:
+               dead: list[tuple[Row, str]], evict: int, durable: bool,
+               states: dict[str, bytes] | None = None) -> tuple[list[Row], list[Evicted]]:
         """One transaction: dead-letter, delete acknowledged, evict for room, insert.
 
         Deletes run before eviction, so a row already delivered is never also
@@ -201,6 +203,8 @@ class Store:
                 evicted = self._evict(evict)
             if inserts:
                 rows = self._insert(inserts)
+            if states:
+                db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", states.items())
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):  # SQLITE_FULL may have ended it already
@@ -270,6 +274,10 @@ class Store:
             out.append(Row(r[0], r[1], names[r[2]], f"{prefix}:{r[4]}" if prefix else str(r[4]),
                            r[5] & 3, bool(r[5] & 4), r[6], r[7], r[8]))
         return out
+
+    def states(self) -> dict[str, bytes]:
+        """Every saved step state, by key (`pipeline:step`)."""
+        return {k: bytes(v) for k, v in self.db.execute("SELECT k, v FROM state")}
 
     def totals(self) -> tuple[int, int, list[int]]:
         """(count, logical bytes, lanes present), read once at start."""
@@ -374,6 +382,7 @@ class Outbox:
         self._dones: list[tuple[int, Done]] = []
         self._deletes: list[tuple[int, int]] = []
         self._dead: list[tuple[Row, str]] = []
+        self._states: dict[str, bytes] = {}
         self._durable = False
         self._split = False  # the last commit failed: free space (deletes) before inserting
         self._wake = asyncio.Event()
@@ -415,6 +424,19 @@ class Outbox:
         if done is not None:
             self._dones.append((len(self._inserts), done))
         self._wake.set()
+
+    def save_state(self, states: dict[str, bytes]) -> None:
+        """Step state to commit no later than the acks of inputs submitted after this call.
+
+        Newer state overwrites older; a crash after a state commit but before an ack
+        makes the broker redeliver that input: counted twice in a window, never lost.
+        """
+        self._states.update(states)
+        self._wake.set()
+
+    async def states(self) -> dict[str, bytes]:
+        assert self.store is not None
+        return await self._call(self.store.states)
 
     def has_room(self) -> bool:
         """False while `reject_new` holds input back (see `wait_room`)."""
@@ -528,12 +550,14 @@ class Outbox:
         if inserts and not self._inserts:
             self._durable = False  # held rows keep their claim to FULL
         deletes, dead = self._take_deletes(), self._take_dead()
-        if not (inserts or deletes or dead or evict):
+        states, self._states = self._states, {}
+        if not (inserts or deletes or dead or evict or states):
             for _, d in dones:
                 d()
             return
         try:
-            await self._commit(inserts, dones, deletes, dead, evict, durable)
+            await self._commit(inserts, dones, deletes, dead, evict, durable or bool(states),
+                               states)
         except OutboxError:
             self._durable = self._durable or durable
             raise
@@ -561,13 +585,14 @@ class Outbox:
 
     async def _commit(self, inserts: list[Outgoing], dones: list[tuple[int, Done]],
                       deletes: list[tuple[int, int]], dead: list[tuple[Row, str]], evict: int,
-                      durable: bool) -> None:
+                      durable: bool, states: dict[str, bytes] | None = None) -> None:
         assert self.store is not None
         t0 = time.perf_counter()
         try:
             # SQLite blocks (and fsyncs): the one writer thread, never the loop.
             rows, evicted = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.store.commit, inserts, deletes, dead, evict, durable)
+                self._executor, self.store.commit, inserts, deletes, dead, evict, durable,
+                states)
         except (sqlite3.Error, OSError) as exc:
             # Put everything back in front; nothing was acknowledged yet.
             n = len(inserts)
@@ -575,6 +600,7 @@ class Outbox:
             self._dones = dones + [(e + n, d) for e, d in self._dones]
             self._deletes = deletes + self._deletes
             self._dead = dead + self._dead
+            self._states = {**(states or {}), **self._states}  # newer state wins
             self._split = self._split or _disk_full(exc)
             raise OutboxError(str(exc)) from exc
         if self._split:

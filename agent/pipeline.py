@@ -99,6 +99,14 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
+class Stateful(Protocol):
+    """An action whose state must survive a crash (an open window): saved with the acks."""
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, state: bytes) -> None: ...
+
+
 Done = Callable[[], None]
 _Item = tuple[list[Message], list[Outgoing], Done | None, float]  # one input in the line
 
@@ -116,6 +124,10 @@ class Pipeline:
         self.emit = emit  # hands outputs to the outbox; `done` runs once they are durable
         self.room = room  # waits while the outbox refuses new rows (reject_new)
         self.room_now: Callable[[], bool] | None = None  # the same, without waiting
+        # Saves step state durably, no later than the acks of what is emitted next.
+        self.save_state: Callable[[dict[str, bytes]], None] | None = None
+        self.stateful: list[tuple[int, Any]] = [
+            (i, a) for i, a in enumerate(actions) if hasattr(a, "snapshot")]
         self.counters = telemetry.pipeline(cfg.name)
         self.queue: asyncio.Queue[tuple[Message, Done | None]] = asyncio.Queue()
         self.blocking = any(a.blocking for a in actions)
@@ -124,6 +136,22 @@ class Pipeline:
         self._executors: list[ThreadPoolExecutor] = []
         self._inflight = 0  # messages inside the assembly line (staged pipelines)
         self._step_names = [f"{i}:{s.action}" for i, s in enumerate(cfg.steps)]
+
+    def _emit(self, outs: list[Outgoing], done: Done | None) -> None:
+        if self.stateful and self.save_state is not None:
+            self.save_state({f"{self.name}:{i}": a.snapshot() for i, a in self.stateful})
+        self.emit(outs, done)
+
+    def restore(self, states: dict[str, bytes]) -> None:
+        """Give stateful steps what they saved before the last stop or crash."""
+        for i, a in self.stateful:
+            saved = states.get(f"{self.name}:{i}")
+            if saved is not None:
+                try:
+                    a.restore(saved)
+                except Exception:  # a state from another version: start empty, say so
+                    log.exception("pipeline %s step %s: saved state unusable; starting empty",
+                                  self.name, self._step_names[i])
 
     def offer(self, msg: Message, done: Done | None) -> None:
         """Take a message from the dispatcher.
@@ -134,7 +162,7 @@ class Pipeline:
         """
         if self.inline and not self.busy and self.queue.empty() and \
                 (self.room_now is None or self.room_now()):
-            self.emit(self.process(msg), done)
+            self._emit(self.process(msg), done)
             return
         self.queue.put_nowait((msg, done))
 
@@ -174,7 +202,7 @@ class Pipeline:
                 else:
                     results = self._process_batch(batch)
                 for outs, done in results:
-                    self.emit(outs, done)
+                    self._emit(outs, done)
             finally:
                 self.busy = False
 
@@ -217,7 +245,7 @@ class Pipeline:
             self.counters.inc("out", len(outs))
             self._inflight -= 1
             self.busy = self._inflight > 0
-            self.emit(outs, done)
+            self._emit(outs, done)
 
     def _process_batch(
         self, batch: list[tuple[Message, Done | None]]
@@ -293,8 +321,8 @@ class Pipeline:
                 msgs = [p for p in produced if not isinstance(p, Outgoing)]
                 if msgs:
                     outs += self._run_from(i + 1, msgs)
-                if outs:
-                    self.emit(outs, None)
+                if outs or self.stateful:
+                    self._emit(outs, None)
 
     def close(self) -> None:
         for a in self.actions:

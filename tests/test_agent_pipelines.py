@@ -193,3 +193,31 @@ def test_telemetry_is_retained_with_per_pipeline_counters_latency_outbox_and_rss
     assert "outbox" in doc
     status = json.loads(cloud.snapshot(f"fog/{DEVICE}/status")[-1].payload)
     assert status["version"] == __version__
+
+
+def test_an_open_window_survives_kill_9_of_the_agent(
+    tmp_path: Path, local_broker: Broker, uplink_broker: Broker
+) -> None:
+    """Readings folded into an open window were acknowledged: a crash must not lose them.
+
+    The window's state is committed with their acks, and restored at the next start.
+    """
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, PIPELINES)
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, "sensors/marker")
+            publish_many(local_broker.url, "meters/m2/power",
+                         [json.dumps({"w": w}).encode() for w in (10, 20)], qos=1)
+            telemetry(cloud, agent, "power", "in", 2)  # both taken and acknowledged
+            agent.kill()
+            agent = AgentProcess(cfg)
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, "sensors/marker2")
+            publish_many(local_broker.url, "meters/m2/power", [json.dumps({"w": 60}).encode()],
+                         qos=1)
+            (event,) = events(cloud, "power", 1)
+            assert event["w"] == {"mean": 30.0, "min": 10.0, "max": 60.0, "count": 3}
+        finally:
+            agent.stop()

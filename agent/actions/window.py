@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import msgpack
+
 from agent.actions.payload import fields, number
 from agent.pipeline import ActionContext, Message
 from agent.schema import Duration
@@ -76,6 +78,17 @@ class Window:
             del self.accs[msg.topic]
             return (self._emit(msg.topic, acc, msg),)
         return ()
+
+    def snapshot(self) -> bytes:
+        """Open windows, so readings folded in but not yet emitted survive a crash."""
+        return bytes(msgpack.packb({t: [a.start, a.end, a.n, a.sums, a.mins, a.maxs, a.lasts]
+                                    for t, a in self.accs.items()}))
+
+    def restore(self, state: bytes) -> None:
+        k = len(self.p.fields)
+        for topic, (start, end, n, sums, mins, maxs, lasts) in msgpack.unpackb(state).items():
+            if len(sums) == k:  # the fields may have changed since: drop what no longer fits
+                self.accs[topic] = _Acc(start, end, n, sums, mins, maxs, lasts)
 
     def tick(self, now: float) -> Sequence[Message]:
         if self.p.seconds is None:

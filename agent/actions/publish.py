@@ -59,6 +59,11 @@ class Publish:
             "v": ENVELOPE_VERSION, "id": key, "device": self.ctx.device,
             "pipeline": self.ctx.pipeline, "seq": seq, "ts": round(msg.ts, 3),
         }
+        clash = [k for k in body if k in envelope]
+        if clash:  # the envelope's own fields win; say so once per burst instead of silently
+            self.ctx.telemetry.warn_burst(
+                f"publish:clash:{self.ctx.pipeline}", "pipeline %s: fields %s are envelope "
+                "fields and were not copied into the event", self.ctx.pipeline, clash)
         envelope.update((k, v) for k, v in body.items() if k not in envelope)
         latency = dict(msg.latency_ms)
         latency["total"] = round((time.time() - msg.ts) * 1000.0, 3)

@@ -7,15 +7,16 @@ known state of a device, online or not.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import ssl
 import sys
-import threading
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+import aiomqtt
 
 from agent import topics
 
@@ -28,53 +29,44 @@ def fetch(broker_url: str, device: str, prefix: str,
     parts = urlsplit(broker_url)
     if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
         raise ValueError(f"broker URL {broker_url!r}: expected mqtt://host:port")
-    status_topic = topics.status(prefix, device)
-    telemetry_topic = topics.telemetry(prefix, device)
+    return asyncio.run(_fetch(parts, topics.status(prefix, device),
+                              topics.telemetry(prefix, device), timeout_s))
+
+
+async def _fetch(parts: SplitResult, status_topic: str, telemetry_topic: str,
+                 timeout_s: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    # aiomqtt: a short-lived async subscriber is exactly its use case (the agent's own
+    # long-lived connections use agent.mqtt instead, for reconnects and manual acks).
+    tls = parts.scheme in ("mqtts", "ssl")
     got: dict[str, dict[str, Any]] = {}
-    done = threading.Event()
-    failure: list[str] = []
-
-    def on_connect(c: paho.Client, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        if rc.is_failure:
-            failure.append(f"{broker_url} refused the connection: {rc}")
-            done.set()
-            return
-        c.subscribe([(status_topic, 1), (telemetry_topic, 0)])
-
-    def on_message(c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
-            doc = {"raw": msg.payload.decode(errors="replace")}
-        got[msg.topic] = doc if isinstance(doc, dict) else {"value": doc}
-        if status_topic in got and telemetry_topic in got:
-            done.set()
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    if parts.username:
-        client.username_pw_set(unquote(parts.username),
-                               unquote(parts.password) if parts.password else None)
-    if parts.scheme in ("mqtts", "ssl"):
-        client.tls_set()
-    client.on_connect = on_connect
-    client.on_message = on_message
-    port = parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
     try:
-        client.connect(parts.hostname, port, keepalive=30)
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach {broker_url}: {exc}") from exc
-    client.loop_start()
-    try:
-        done.wait(timeout_s)
-        if not done.is_set() and status_topic in got:
-            # The status came; telemetry may follow a moment later (it is sent after birth).
-            done.wait(min(0.5, timeout_s))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if failure:
-        raise ConnectionError(failure[0])
+        async with aiomqtt.Client(
+            parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            protocol=aiomqtt.ProtocolVersion.V5, keepalive=30,
+            tls_context=ssl.create_default_context() if tls else None,
+            timeout=timeout_s,
+        ) as client:
+            await client.subscribe([(status_topic, 1), (telemetry_topic, 0)])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    async for msg in client.messages:
+                        got[str(msg.topic)] = _doc(msg.payload)
+                        if status_topic in got and telemetry_topic in got:
+                            break
+    except aiomqtt.MqttError as exc:
+        where = f"{parts.scheme}://{parts.hostname}:{parts.port or (8883 if tls else 1883)}"
+        raise ConnectionError(f"cannot reach {where}: {exc}") from exc
     return got.get(status_topic), got.get(telemetry_topic)
+
+
+def _doc(payload: Any) -> dict[str, Any]:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, TypeError):
+        return {"raw": bytes(payload).decode(errors="replace")}
+    return doc if isinstance(doc, dict) else {"value": doc}
 
 
 def _ms(v: Any) -> str:

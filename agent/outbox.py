@@ -521,8 +521,18 @@ class Outbox:
                           "Free disk space: nothing is acknowledged until rows commit again.",
                           BALLAST_BYTES >> 20)
             await self._run(self.store.checkpoint)
-            if self._deletes or self._dead:
-                await self._commit([], [], self._take_deletes(), self._take_dead(), 0, False)
+            # Deletes in small transactions, each folded back and the WAL truncated: one
+            # big delete would grow the WAL by megabytes and fill the disk again.
+            dead = self._take_dead()
+            deletes = self._take_deletes()
+            while dead or deletes:
+                chunk, deletes = deletes[:SPLIT_ROWS], deletes[SPLIT_ROWS:]
+                try:
+                    await self._commit([], [], chunk, dead, 0, False)
+                except OutboxError:
+                    self._deletes = deletes + self._deletes  # the chunk is back in front too
+                    raise
+                dead = []
                 await self._run(self.store.checkpoint)
         # Bounded batches; after a failure small ones, and only into pages deletes freed
         # inside the file: the file must not grow while the disk is full.

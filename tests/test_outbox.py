@@ -312,6 +312,44 @@ def test_a_full_disk_acknowledges_nothing_retries_and_recovers_once_space_return
     run_outbox(small_fs, cfg, body)
 
 
+def test_a_full_disk_recovers_by_itself_once_delivered_rows_leave_the_file(
+        small_fs: Path) -> None:
+    """When the outbox itself filled the disk, the deliveries that drain it make the room:
+    deletes go in small transactions, each WAL truncated, and held inputs then commit."""
+    cfg = OutboxConfig(min_free_bytes=0, max_bytes=10**9)
+    (small_fs / "someone-elses-log").write_bytes(b"\0" * (8 << 20))  # stays: no help from outside
+
+    async def body(h: Harness) -> None:
+        run = asyncio.create_task(h.outbox.run())
+        try:
+            i = 0
+            while not h.outbox.counters.values.get("commit_errors"):
+                for _ in range(200):
+                    h.submit(i, size=4000)
+                    i += 1
+                await asyncio.sleep(0.02)
+                assert i < 20_000, "a 32 MB file system never filled"
+            for _ in range(50):
+                h.submit(i, size=4000)
+                i += 1
+            await asyncio.sleep(1.0)
+            assert len(h.acks) < i  # held while full
+            deadline = time.monotonic() + 60
+            while len(h.acks) < i or h.outbox.count:
+                for r in h.rows[h.outbox.counters.values.get("delivered", 0):]:
+                    h.outbox.acked(r)  # the uplink took them
+                assert time.monotonic() < deadline, (len(h.acks), i, h.on_disk())
+                await asyncio.sleep(0.1)
+            assert h.acks == list(range(i))
+            assert [r.payload for r in h.rows] == [out(n, size=4000).payload for n in range(i)]
+        finally:
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+
+    run_outbox(small_fs, cfg, body)
+
+
 def test_the_free_space_watermark_applies_the_full_policy(small_fs: Path) -> None:
     cfg = OutboxConfig(min_free_bytes=10**9, on_full="reject_new")  # always "low" here
 

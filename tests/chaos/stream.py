@@ -15,10 +15,11 @@ TOPIC = "sensors/chaos"
 
 
 class Stream:
-    """Publishes n = 0, 1, 2, ... on TOPIC in a thread; records which were PUBACKed."""
+    """Publishes n = 0, 1, 2, ... on `topic` (in a thread with `start`); records the PUBACKed."""
 
-    def __init__(self, url: str, rate_hz: float = 400.0) -> None:
+    def __init__(self, url: str, rate_hz: float = 400.0, topic: str = TOPIC) -> None:
         self.url = url
+        self.topic = topic
         self.rate_hz = rate_hz
         self.accepted: list[int] = []
         self.next = 0
@@ -30,7 +31,8 @@ class Stream:
     def publish(self, count: int) -> None:
         infos = []
         for _ in range(count):
-            infos.append((self.next, self._client.publish(TOPIC, str(self.next).encode(), 1)))
+            info = self._client.publish(self.topic, str(self.next).encode(), 1)
+            infos.append((self.next, info))
             self.next += 1
         for n, info in infos:
             info.wait_for_publish(30)
@@ -54,16 +56,17 @@ class Stream:
         self._client.loop_stop()
 
 
-def received(cloud: Collector, device: str) -> list[int]:
-    return [int(m.payload) for m in cloud.snapshot(f"fog/{device}/{TOPIC}")]
+def received(cloud: Collector, device: str, topic: str = TOPIC) -> list[int]:
+    return [int(m.payload) for m in cloud.snapshot(f"fog/{device}/{topic}")]
 
 
-def wait_all(cloud: Collector, device: str, accepted: list[int], timeout_s: float = 60) -> None:
+def wait_all(cloud: Collector, device: str, accepted: list[int], timeout_s: float = 60,
+             topic: str = TOPIC) -> None:
     deadline = time.monotonic() + timeout_s
     want = set(accepted)
-    while not want <= set(received(cloud, device)):
+    while not want <= set(received(cloud, device, topic)):
         if time.monotonic() > deadline:
-            missing = sorted(want - set(received(cloud, device)))
+            missing = sorted(want - set(received(cloud, device, topic)))
             raise AssertionError(f"{len(missing)} accepted readings never arrived: "
                                  f"{missing[:20]}")
         time.sleep(0.1)

@@ -197,6 +197,12 @@ def run(argv: list[str]) -> int:
     rows: list[tuple[str, str, str, str, str, bool]] = []
     with tempfile.TemporaryDirectory(prefix="fogwhisk-bench-relay-") as tmp:
         work = Path(tmp)
+        # The floor of any hop: mosquitto_pub straight into the cloud broker, no hop at all.
+        cloud = Broker(work, "direct").start()
+        try:
+            direct = _rate(cloud.port, cloud.port, TOPIC, args.messages)
+        finally:
+            cloud.stop()
         # (b) the Mosquitto bridge, same hop.
         uplink = Broker(work, "uplink-b").start()
         local = Broker(work, "local-b", f"""
@@ -270,6 +276,8 @@ keepalive_interval 30
     rows = [
         ("relay, agent durable (msg/s)", f"{agent:,.0f}", f"bridge {bridge:,.0f}",
          f"{ratio:.2f}", ">= 0.50", ratio >= 0.5),
+        ("relay, agent durable, vs no hop (msg/s)", f"{agent:,.0f}", f"direct {direct:,.0f}",
+         f"{agent / direct:.2f}", "-", True),
         (f"drain after outage, {args.backlog:,} msgs (msg/s)", f"{drain:,.0f}", "-", "-",
          ">= 10,000", drain >= 10_000),
         # A small backlog is dominated by the WAL (a few MB); the bar is for a big one.

@@ -66,6 +66,16 @@ def input_lut(spec: InputSpec, dtype: np.dtype[Any], scale: float, zero_point: i
     return val.astype(dtype)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A model input made from one region of a frame (the cheap half of a detection)."""
+
+    tensor: np.ndarray
+    transform: tuple[float, float, float, float]  # (sx, sy, px, py)
+    origin: tuple[int, int]  # the region's top-left pixel in the frame
+    size: tuple[int, int]  # the frame's (width, height)
+
+
 class Detector:
     """One loaded model: `detect()` and `invoke_tensor()` (thread-safe through the runtime)."""
 
@@ -136,11 +146,21 @@ class Detector:
     def detect(self, image: np.ndarray, region: Region | None = None,
                min_score: float | None = None) -> Decoded:
         """Detections in `region` (default: all of `image`), boxes normalised to `image`."""
+        return self.infer(self.prepare_region(image, region), min_score)
+
+    def prepare_region(self, image: np.ndarray, region: Region | None = None) -> Prepared:
+        """The input tensor for `region` of `image`, and how to map boxes back."""
         h, w = image.shape[:2]
         x0, y0, x1, y1 = region if region is not None else (0, 0, w, h)
-        crop = image[y0:y1, x0:x1]
-        tensor, (sx, sy, px, py) = self.prepare(crop)
-        found = self.decode(self.invoke_tensor(tensor), min_score)
+        tensor, transform = self.prepare(image[y0:y1, x0:x1])
+        return Prepared(tensor, transform, (x0, y0), (w, h))
+
+    def infer(self, prep: Prepared, min_score: float | None = None) -> Decoded:
+        """Invoke the model on a prepared tensor; boxes normalised to the whole image."""
+        found = self.decode(self.invoke_tensor(prep.tensor), min_score)
+        sx, sy, px, py = prep.transform
+        x0, y0 = prep.origin
+        w, h = prep.size
         if not len(found):
             return found
         # input-normalised -> crop pixels -> frame-normalised

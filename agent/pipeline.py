@@ -111,6 +111,14 @@ Done = Callable[[], None]
 _Item = tuple[list[Message], list[Outgoing], Done | None, float]  # one input in the line
 
 
+@dataclass(frozen=True, slots=True)
+class _Stage:
+    step: int
+    name: str
+    fn: Callable[[Message], Sequence[Message | Outgoing]]
+    blocking: bool
+
+
 class Pipeline:
     """Runs one configured sequence; never lets a bad message stop it."""
 
@@ -136,6 +144,16 @@ class Pipeline:
         self._executors: list[ThreadPoolExecutor] = []
         self._inflight = 0  # messages inside the assembly line (staged pipelines)
         self._step_names = [f"{i}:{s.action}" for i, s in enumerate(cfg.steps)]
+        # The assembly line's stations: a step, or the sub-stages a step offers (detect
+        # splits image preparation from inference so the two overlap on two cores).
+        self._stages: list[_Stage] = []
+        for i, a in enumerate(actions):
+            subs = getattr(a, "stages", None)
+            if subs:
+                self._stages += [_Stage(i, f"{self._step_names[i]}.{label}", fn, a.blocking)
+                                 for label, fn in subs]
+            else:
+                self._stages.append(_Stage(i, self._step_names[i], a.process, a.blocking))
 
     def _emit(self, outs: list[Outgoing], done: Done | None) -> None:
         if self.stateful and self.save_state is not None:
@@ -168,10 +186,10 @@ class Pipeline:
 
     async def run(self) -> None:
         timed = [(i, a) for i, a in enumerate(self.actions) if hasattr(a, "tick")]
-        staged = self.blocking and len(self.actions) > 1
+        staged = self.blocking and len(self._stages) > 1
         if staged:
-            self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{i}")
-                               for i in range(len(self.actions))]
+            self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{k}")
+                               for k in range(len(self._stages))]
         try:
             async with asyncio.TaskGroup() as tg:
                 if timed:
@@ -213,10 +231,10 @@ class Pipeline:
         frame n+1, so a multi-core board overlaps them; and each action always runs on
         the same thread (interpreters and trackers are not shared between threads).
         """
-        n = len(self.actions)
+        n = len(self._stages)
         stages: list[asyncio.Queue[_Item]] = [asyncio.Queue(maxsize=2) for _ in range(n)]
-        for i in range(n):
-            tg.create_task(self._stage(i, stages), name=f"pipeline:{self.name}:step{i}")
+        for k in range(n):
+            tg.create_task(self._stage(k, stages), name=f"pipeline:{self.name}:stage{k}")
         while True:
             msg, done = await self.queue.get()
             if self.room is not None:
@@ -226,20 +244,20 @@ class Pipeline:
             self.busy = True
             await stages[0].put(([msg], [], done, time.perf_counter()))
 
-    async def _stage(self, i: int, stages: list[asyncio.Queue[_Item]]) -> None:
+    async def _stage(self, k: int, stages: list[asyncio.Queue[_Item]]) -> None:
         loop = asyncio.get_running_loop()
-        action = self.actions[i]
-        last = i + 1 == len(stages)
+        stage = self._stages[k]
+        last = k + 1 == len(stages)
         while True:
-            current, outs, done, t0 = await stages[i].get()
-            if action.blocking:
-                nxt, produced = await loop.run_in_executor(self._executors[i], self._step, i,
-                                                           current)
+            current, outs, done, t0 = await stages[k].get()
+            if stage.blocking:
+                nxt, produced = await loop.run_in_executor(
+                    self._executors[k], self._apply, stage.step, stage.name, stage.fn, current)
             else:
-                nxt, produced = self._step(i, current)
+                nxt, produced = self._apply(stage.step, stage.name, stage.fn, current)
             outs = outs + produced if produced else outs
             if nxt and not last:
-                await stages[i + 1].put((nxt, outs, done, t0))
+                await stages[k + 1].put((nxt, outs, done, t0))
                 continue
             self.counters.observe("total", (time.perf_counter() - t0) * 1000.0)
             self.counters.inc("out", len(outs))
@@ -273,27 +291,30 @@ class Pipeline:
 
     def _step(self, i: int, current: list[Message]) -> tuple[list[Message], list[Outgoing]]:
         """Step `i` on each message; what goes on, and what leaves for the outbox."""
+        return self._apply(i, self._step_names[i], self.actions[i].process, current)
+
+    def _apply(self, i: int, name: str, fn: Callable[[Message], Sequence[Message | Outgoing]],
+               current: list[Message]) -> tuple[list[Message], list[Outgoing]]:
         counters = self.counters
-        action = self.actions[i]
         nxt: list[Message] = []
         outs: list[Outgoing] = []
         for m in current:
             ts = time.perf_counter()
             try:
-                produced: Iterable[Message | Outgoing] = action.process(m)
+                produced: Iterable[Message | Outgoing] = fn(m)
             except PayloadError as exc:
                 counters.inc("malformed")
                 self.telemetry.warn_burst(
                     f"malformed:{self.name}", "pipeline %s step %s: dropped malformed "
-                    "message on %s: %s", self.name, self._step_names[i], m.topic, exc)
+                    "message on %s: %s", self.name, name, m.topic, exc)
                 continue
             except Exception as exc:
                 counters.inc("errors")
                 self.telemetry.warn_burst(
                     f"error:{self.name}:{i}", "pipeline %s step %s failed on %s: %r",
-                    self.name, self._step_names[i], m.topic, exc, exc_info=True)
+                    self.name, name, m.topic, exc, exc_info=True)
                 continue
-            counters.observe(self._step_names[i], (time.perf_counter() - ts) * 1000.0)
+            counters.observe(name, (time.perf_counter() - ts) * 1000.0)
             for p in produced:
                 if isinstance(p, Outgoing):
                     outs.append(p)
@@ -309,8 +330,9 @@ class Pipeline:
             for i, a in timed:
                 try:
                     if self._executors:  # the step's own thread: tick and process never race
+                        k = max(k for k, st in enumerate(self._stages) if st.step == i)
                         produced = list(await asyncio.get_running_loop().run_in_executor(
-                            self._executors[i], a.tick, now))
+                            self._executors[k], a.tick, now))
                     else:
                         produced = list(a.tick(now))
                 except Exception:

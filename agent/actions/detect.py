@@ -16,14 +16,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from agent.decoders import Decoded, concat, nms
-from agent.detector import Detection, Detector, Region
+from agent.decoders import concat, nms
+from agent.detector import Detection, Detector, Prepared, Region
 from agent.errors import ModelError, PayloadError
 from agent.frames import Frame
 from agent.models import ModelStore
@@ -77,6 +77,10 @@ def square_regions(boxes: Sequence[Sequence[float]], width: int, height: int, mi
     return regions
 
 
+PREPARED = "_detect_prepared"  # meta keys between the two stages
+PREPARE_MS = "_detect_prepare_ms"
+
+
 class Detect:
     blocking: ClassVar[bool] = True  # interpreter.invoke() holds the CPU for milliseconds
 
@@ -120,12 +124,17 @@ class Detect:
                               self.p.crop_margin, self.p.max_crops)
 
     def run(self, det: Detector, frame: Frame, motion: Any) -> list[Detection]:
+        return self.finish(det, self.prepare(det, frame, motion))
+
+    def prepare(self, det: Detector, frame: Frame, motion: Any) -> list[Prepared]:
+        regions = self.regions(det, frame, motion)
+        return [det.prepare_region(frame.image, r)
+                for r in (regions if regions is not None else [None])]
+
+    def finish(self, det: Detector, prepared: list[Prepared]) -> list[Detection]:
         m = det.manifest
         min_score = m.min_score if self.p.min_score is None else self.p.min_score
-        regions = self.regions(det, frame, motion)
-        parts: list[Decoded] = [det.detect(frame.image, r, min_score)
-                                for r in (regions if regions is not None else [None])]
-        found = concat(parts)
+        found = concat([det.infer(p, min_score) for p in prepared])
         if self.p.labels and len(found):
             wanted = np.array([m.label(int(c)) in self.p.labels for c in found.classes])
             found = found.take(np.flatnonzero(wanted))
@@ -134,22 +143,40 @@ class Detect:
         found = found.take(nms(found.boxes, found.scores, iou, limit, found.classes))
         return det.to_detections(found)
 
-    def process(self, msg: Message) -> Sequence[Message]:
+    @property
+    def stages(self) -> tuple[tuple[str, Callable[[Message], Sequence[Message]]], ...]:
+        """Two stations for an assembly line: resizing the crops of frame n+1 overlaps
+        inference on frame n (the model's own thread runs only invoke and decode)."""
+        return (("prepare", self.prepare_stage), ("infer", self.infer_stage))
+
+    def prepare_stage(self, msg: Message) -> Sequence[Message]:
         frame = msg.data if isinstance(msg.data, Frame) else msg.meta.get("frame")
         if not isinstance(frame, Frame):
             raise PayloadError("detect needs a frame: put a decode step first")
         det = self._ready()
         t0 = time.perf_counter()
-        found = self.run(det, frame, msg.meta.get("motion"))
-        ms = (time.perf_counter() - t0) * 1000.0
+        prepared = self.prepare(det, frame, msg.meta.get("motion"))
+        return (msg.evolve(meta={**msg.meta, "frame": frame, PREPARED: prepared,
+                                 PREPARE_MS: (time.perf_counter() - t0) * 1000.0}),)
+
+    def infer_stage(self, msg: Message) -> Sequence[Message]:
+        det = self._ready()
+        meta = dict(msg.meta)
+        prepared: list[Prepared] = meta.pop(PREPARED)
+        t0 = time.perf_counter()
+        found = self.finish(det, prepared)
+        ms = meta.pop(PREPARE_MS) + (time.perf_counter() - t0) * 1000.0
         self.counters.observe("infer", ms)
         self.counters.inc("frames_inferred")
         if not found and not self.p.pass_empty:
             return ()
         data = {"type": "detection", "detections": [d.as_dict() for d in found],
                 "model": det.info}
-        return (msg.evolve(data=data, meta={**msg.meta, "frame": frame, "detections": found},
+        return (msg.evolve(data=data, meta={**meta, "detections": found},
                            latency_ms={**msg.latency_ms, "infer": round(ms, 3)}),)
+
+    def process(self, msg: Message) -> Sequence[Message]:
+        return [out for m in self.prepare_stage(msg) for out in self.infer_stage(m)]
 
     def close(self) -> None:
         if self.detector is not None:

@@ -362,7 +362,10 @@ class Connection:
         if proto is None:
             raise ConnectError(f"{self.name}: not connected to {self.cfg.url}")
         props = b"\x00"
-        if self.v5 and (user_properties or expiry_s is not None):
+        if self.v5 and len(user_properties) == 1:  # the idempotency key: the hot path
+            (name, value), = user_properties
+            props = codec.key_properties(name, value, expiry_s)
+        elif self.v5 and (user_properties or expiry_s is not None):
             p: dict[int, Any] = {}
             if expiry_s is not None:
                 p[codec.MESSAGE_EXPIRY] = expiry_s

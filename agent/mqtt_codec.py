@@ -14,6 +14,7 @@ subscriptions ask for at most QoS 1, which the broker honours by downgrading.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,19 @@ def properties(props: dict[int, Any] | None) -> bytes:
             else:
                 body += _str(v[0]) + _str(v[1])
     return varint(len(body)) + bytes(body)
+
+
+@functools.lru_cache(maxsize=64)
+def _user_key(name: str) -> bytes:
+    return bytes((USER_PROPERTY,)) + _str(name)
+
+
+def key_properties(name: str, value: str, expiry_s: int | None = None) -> bytes:
+    """`properties()` for the per-message case (one user property, maybe an expiry), fast."""
+    body = _user_key(name) + _str(value)
+    if expiry_s is not None:
+        body = struct.pack("!BI", MESSAGE_EXPIRY, expiry_s) + body
+    return varint(len(body)) + body
 
 
 def _packet(first: int, body: bytes) -> bytes:

@@ -25,6 +25,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -377,9 +378,10 @@ class Outbox:
         self.count = 0
         self.bytes = 0
         self._inserts: list[Outgoing] = []
-        # (how many of `_inserts` must be committed first, then call it): a batch may end
-        # between inputs, never inside one.
-        self._dones: list[tuple[int, Done]] = []
+        # (the absolute index up to which inserts must be committed, then call it): a batch
+        # may end between inputs, never inside one.
+        self._dones: deque[tuple[int, Done]] = deque()
+        self._base = 0  # the absolute index of _inserts[0] (dones hold absolute ends)
         self._deletes: list[tuple[int, int]] = []
         self._dead: list[tuple[Row, str]] = []
         self._states: dict[str, bytes] = {}
@@ -422,7 +424,7 @@ class Outbox:
                                       or any(o.priority > 0 for o in items)):
                 self._durable = True
         if done is not None:
-            self._dones.append((len(self._inserts), done))
+            self._dones.append((self._base + len(self._inserts), done))
         self._wake.set()
 
     def save_state(self, states: dict[str, bytes]) -> None:
@@ -576,13 +578,14 @@ class Outbox:
 
     def _take(self, n: int) -> tuple[list[Outgoing], list[tuple[int, Done]]]:
         """The first `n` pending rows and the acks of the inputs they complete."""
-        inserts, self._inserts = self._inserts[:n], self._inserts[n:]
+        inserts = self._inserts[:n]
+        del self._inserts[:n]
+        self._base += n
         dones = self._dones
-        k = 0
-        while k < len(dones) and dones[k][0] <= n:
-            k += 1
-        taken = dones[:k]
-        self._dones = [(end - n, d) for end, d in dones[k:]] if n else dones[k:]
+        taken = []
+        # Absolute ends: nothing is rebased, so a long queue of held inputs costs nothing.
+        while dones and dones[0][0] <= self._base:
+            taken.append(dones.popleft())
         return inserts, taken
 
     def _take_deletes(self) -> list[tuple[int, int]]:
@@ -607,7 +610,8 @@ class Outbox:
             # Put everything back in front; nothing was acknowledged yet.
             n = len(inserts)
             self._inserts = inserts + self._inserts
-            self._dones = dones + [(e + n, d) for e, d in self._dones]
+            self._base -= n
+            self._dones.extendleft(reversed(dones))
             self._deletes = deletes + self._deletes
             self._dead = dead + self._dead
             self._states = {**(states or {}), **self._states}  # newer state wins

@@ -98,3 +98,13 @@ def test_garbage_is_a_malformed_packet_not_a_hang() -> None:
         codec.Reader().feed(b"\x30\xff\xff\xff\xff\x01")
     with pytest.raises(codec.MalformedPacket):
         codec.read_publish(b"\x00\x05ab", 2, v5=True)
+
+
+@given(keys, st.text(max_size=30), st.one_of(st.none(), st.integers(1, 2**32 - 1)))
+def test_the_fast_key_property_encodes_like_the_general_one(value: str, name: str,
+                                                            expiry: int | None) -> None:
+    props: dict[int, object] = {}
+    if expiry is not None:
+        props[codec.MESSAGE_EXPIRY] = expiry
+    props[codec.USER_PROPERTY] = ((name, value),)
+    assert codec.key_properties(name, value, expiry) == codec.properties(props)

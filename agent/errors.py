@@ -4,7 +4,6 @@
     ├── ConfigError        bad configuration file, profile or step parameters
     ├── PayloadError       a message payload that an action cannot read
     ├── ConnectError       a broker refused or dropped the connection
-    ├── PublishError       a broker answered a publish with a failure reason code
     ├── OutboxError        the store-and-forward database cannot be used
     └── ModelError         a model file, manifest or runtime is unusable
 """
@@ -24,14 +23,6 @@ class PayloadError(AgentError):
 
 class ConnectError(AgentError):
     """Raised when a broker refuses the connection or the network drops it."""
-
-
-class PublishError(AgentError):
-    """Raised when a broker answers a publish with a failure reason code."""
-
-    def __init__(self, message: str, reason_code: int) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 class OutboxError(AgentError):

@@ -181,7 +181,3 @@ class Sender:
     @property
     def inflight(self) -> int:
         return self._inflight
-
-    def idle(self) -> bool:
-        return self._inflight == 0 and all(
-            not lane.queue and not lane.on_disk for lane in self.lanes.values())

@@ -12,6 +12,7 @@ import sys
 SUITES: dict[str, str] = {
     "relay": "agent.bench.relay",
     "vision": "agent.bench.vision",
+    "blackhole": "agent.bench.blackhole",
 }
 
 

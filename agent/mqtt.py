@@ -41,9 +41,12 @@ class Will:
     retain: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inbound:
-    """A message from the broker; `ack()` must be called once it is safe to forget."""
+    """A message from the broker; `ack()` must be called once it is safe to forget.
+
+    Not frozen: one is made per received message (a frozen __init__ costs 1.3 us).
+    """
 
     topic: str
     payload: bytes

@@ -24,6 +24,7 @@ from agent.outbox import Outbox, Row
 log = logging.getLogger(__name__)
 
 PAGE_ROWS = 1000
+MAX_WINDOW = 4096
 MEMORY_ROWS = 4000  # per lane; beyond it the lane streams from disk
 KEY_PROPERTY = "fogwhisk-id"
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and our properties, roughly
@@ -57,7 +58,9 @@ class Sender:
 
     @property
     def window(self) -> int:
-        return self.inflight_cfg or self.conn.server_receive_maximum
+        # A broker that names no receive maximum allows 65,535 in flight; past a few
+        # thousand a bigger window buys nothing but a longer resend after a fault.
+        return self.inflight_cfg or min(self.conn.server_receive_maximum, MAX_WINDOW)
 
     def _lane(self, priority: int) -> Lane:
         lane = self.lanes.get(priority)

@@ -37,6 +37,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.models import REPO, samples_dir
+from agent.mqtt import free_port
 
 DEVICE = "demo-gw"
 ROOMS = ("kitchen", "office", "lab")
@@ -75,10 +76,6 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -146,7 +143,7 @@ def broker_conf(shipped: Path, port: int, workdir: Path) -> str:
 def start_broker(name: str, workdir: Path) -> tuple[Child, int]:
     workdir.mkdir(parents=True)
     for _ in range(3):  # a free port can be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         conf = workdir / "mosquitto.conf"
         conf.write_text(broker_conf(CONF_DIR / f"{name}.conf", port, workdir))
         child = Child(f"{name} broker", [MOSQUITTO, "-c", str(conf)], workdir / "mosquitto.log")

@@ -19,7 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent.bench.relay import Broker, _agent, _free_port
+from agent.bench.relay import Broker, _agent
+from agent.mqtt import free_port
 
 KEEPALIVE_S = 2
 
@@ -28,7 +29,7 @@ class _Proxy:
     """Forwards one connection at a time until `blackhole()`; then reads and drops."""
 
     def __init__(self, target: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.target = target
         self.swallow = threading.Event()
         self.closed_at: float | None = None

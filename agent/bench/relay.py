@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agent.config import OutboxConfig
+from agent.mqtt import free_port
 from agent.outbox import DB_NAME, Store
 from agent.pipeline import Outgoing
 
@@ -34,10 +35,6 @@ PAYLOAD = b"x" * 100  # one line for mosquitto_pub -l (which strips the newline)
 TOPIC = "sensors/bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, timeout_s: float = 10.0) -> None:
@@ -55,7 +52,7 @@ class Broker:
     """One Mosquitto from broker-config/test.conf plus `extra` lines, on a free port."""
 
     def __init__(self, work: Path, name: str, extra: str = "", port: int = 0) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
@@ -250,7 +247,7 @@ keepalive_interval 30
         _fill(work / "r" / "data", args.rss_backlog)
         disk_big = sum(p.stat().st_size for p in (work / "r" / "data").glob(f"{DB_NAME}*"))
         local = Broker(work, "local-r").start()
-        uplink = Broker(work, "uplink-r", port=_free_port())
+        uplink = Broker(work, "uplink-r", port=free_port())
         try:
             cfg = _agent_config(work / "r", local.port, uplink.port)
             with _agent(cfg) as proc:

@@ -31,6 +31,7 @@ from agent.config import RuntimeConfig
 from agent.detector import Detector
 from agent.models import ModelStore, samples_dir
 from agent.motion import MotionDetector, MotionSettings
+from agent.mqtt import free_port
 
 
 def load_frames(limit: int) -> list[np.ndarray]:
@@ -77,11 +78,6 @@ def spared(frames: list[np.ndarray]) -> float:
     return sum(1 for f in frames if not gate.detect(f)) / len(frames)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start_broker(workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:

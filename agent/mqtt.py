@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 0.25
 STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff
-DEFAULT_RECEIVE_MAXIMUM = 20  # Mosquitto's max_inflight_messages default; MQTT 3.1.1 has none
+DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own default
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +233,10 @@ class Connection:
         if reason >= 0x80:
             raise ConnectError(f"{self.cfg.url} refused the connection: "
                                f"{codec.reason_name(reason)} (0x{reason:02X})")
+        # MQTT 5 reads an absent Receive Maximum as 65,535; we start at 20 in flight
+        # unless the broker names its number (Mosquitto does), as for MQTT 3.1.1.
         self.server_receive_maximum = server.get(codec.RECEIVE_MAXIMUM,
-                                                 DEFAULT_RECEIVE_MAXIMUM if not self.v5
-                                                 else 65535)
+                                                 DEFAULT_RECEIVE_MAXIMUM)
         self.server_max_packet = server.get(codec.MAXIMUM_PACKET_SIZE, 0)
         if self.subscriptions:
             await self._subscribe(proto)

@@ -1,364 +1,40 @@
-"""SQLite store-and-forward: the durable middle of custody transfer.
+"""Store-and-forward: the durable middle of custody transfer, on the event loop's side.
 
 A message accepted from the local bus is acknowledged there only after the
-transaction holding everything it produced has committed here; a row is
-deleted only after the next hop acknowledged it with a success reason code.
-
-- WAL, one writer thread, group commit: rows submitted within
-  `commit_interval_ms` share one transaction and one fsync.
-- `synchronous=FULL` for batches holding priority >= 1 rows; lane 0 (bulk)
-  may use NORMAL (`outbox.bulk_synchronous`).
-- Compact rows: a WITHOUT ROWID table clustered on (lane, id), topics and key
-  prefixes interned in a small dictionary table, integer timestamps: about
-  150 bytes on disk per 100-byte message.
-- A database that fails to open or its quick check is moved aside with a loud
-  error and a fresh one is started: the agent never crash-loops on its files.
+transaction holding everything it produced has committed (`agent.store`); a
+row is deleted only after the next hop acknowledged it with a success reason
+code. Group commit: the next batch gathers while the current one syncs.
+Bounds (bytes, count, free disk) apply `on_full`; every drop is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from agent.config import OutboxConfig
 from agent.errors import OutboxError
 from agent.pipeline import Outgoing
+from agent.store import BALLAST_BYTES, DB_NAME, ROW_OVERHEAD, Evicted, Row, Store, disk_full
 from agent.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DB_NAME = "outbox.db"
-SCHEMA_VERSION = 1
 DISK_CHECK_S = 1.0
 RETRY_S = 0.5
-ROW_OVERHEAD = 40  # bytes a row costs on disk beyond payload and topic, roughly
 SPLIT_ROWS = 64  # rows per transaction while recovering from a failed commit
-# Reserved disk space, given up when the disk is full: a WAL cannot be checkpointed
-# (so no delete can commit) once the disk has no room left for the pages it moves.
-BALLAST_NAME = "outbox.ballast"
-BALLAST_BYTES = 8 << 20
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS intern (n INTEGER PRIMARY KEY, s TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS rows (
-    lane INTEGER NOT NULL,          -- priority: higher is sent first, dropped last
-    id INTEGER NOT NULL,            -- global insertion order (monotonic across restarts)
-    topic INTEGER NOT NULL,         -- intern.n
-    kp INTEGER NOT NULL,            -- intern.n of the idempotency key's prefix
-    ks TEXT NOT NULL,               -- the key's last part (after the last ':')
-    flags INTEGER NOT NULL,         -- qos | retain << 2
-    created INTEGER NOT NULL,       -- unix seconds
-    expires INTEGER,                -- unix seconds, NULL: never
-    payload BLOB NOT NULL,
-    PRIMARY KEY (lane, id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead (
-    id INTEGER PRIMARY KEY, lane INTEGER, topic TEXT, key TEXT, qos INTEGER, retain INTEGER,
-    created REAL, expires REAL, payload BLOB, reason TEXT, dead_at REAL
-);
--- Step state (open windows): committed with the acks of the inputs folded into it.
-CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v BLOB NOT NULL);
-"""
-
-
-class Row(NamedTuple):
-    """One stored message, as the uplink sender sees it.
-
-    A NamedTuple rather than a frozen dataclass: one is built per message on
-    the relay's hot path, 0.8 us against 2.8 us (bench: `fogwhisk bench relay`).
-    """
-
-    lane: int
-    id: int
-    topic: str
-    key: str
-    qos: int
-    retain: bool
-    created: int
-    expires: int | None
-    payload: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.payload) + len(self.topic)
-
-
-Evicted = tuple[int, int, int]  # (lane, highest evicted id, how many): a prefix of the lane
-
-
 Done = Callable[[], None]
-
-
-class Store:
-    """The SQLite side; every method blocks and runs on the outbox's one writer thread."""
-
-    def __init__(self, path: Path, cfg: OutboxConfig) -> None:
-        self.path = path
-        self.cfg = cfg
-        self._sync = ""
-        self.db = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        """Open and check the database; move an unusable one aside and start afresh."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db: sqlite3.Connection | None = None
-        try:
-            db = self._connect()
-            result = db.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {result}")
-            version = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
-            if version != str(SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version}, this agent reads "
-                                            f"{SCHEMA_VERSION}")
-            self._load_state(db)
-            return db
-        except sqlite3.DatabaseError as exc:
-            if db is not None:
-                db.close()
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
-            log.error("OUTBOX DATABASE %s IS UNUSABLE (%s): moved aside to %s; starting a "
-                      "fresh one. Inspect the old file with sqlite3 to recover rows.",
-                      self.path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(f"{self.path}{suffix}")
-                if src.exists():
-                    shutil.move(src, f"{aside}{suffix}")
-            db = self._connect()
-            self._load_state(db)
-            return db
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only effective on a new file
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA journal_size_limit = 67108864")
-        db.execute("PRAGMA cache_size = -8000")  # 8 MB page cache: RSS stays flat
-        db.executescript(SCHEMA)
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        self._sync = ""
-        return db
-
-    def _load_state(self, db: sqlite3.Connection) -> None:
-        self._interned: dict[str, int] = dict(
-            (s, n) for n, s in db.execute("SELECT n, s FROM intern"))
-        self._names: dict[int, str] = {n: s for s, n in self._interned.items()}
-        row = db.execute("SELECT max(id) FROM (SELECT max(id) AS id FROM rows "
-                         "UNION ALL SELECT max(id) FROM dead)").fetchone()
-        self.last_id = int(row[0] or 0)
-
-    def intern(self, s: str) -> int:
-        n = self._interned.get(s)
-        if n is None:
-            n = self.db.execute("INSERT INTO intern (s) VALUES (?) RETURNING n", (s,)).fetchone()[0]
-            self._interned[s] = n
-            self._names[n] = s
-        return n
-
-    def name(self, n: int) -> str:
-        return self._names[n]
-
-    def commit(self, inserts: list[Outgoing], deletes: list[tuple[int, int]],
-               dead: list[tuple[Row, str]], evict: int, durable: bool,
-               states: dict[str, bytes] | None = None) -> tuple[list[Row], list[Evicted]]:
-        """One transaction: dead-letter, delete acknowledged, evict for room, insert.
-
-        Deletes run before eviction, so a row already delivered is never also
-        counted as dropped. Returns the inserted rows (with their ids) and the
-        evicted prefixes of each lane.
-        """
-        sync = "FULL" if durable else "NORMAL"
-        db = self.db
-        if sync != self._sync:
-            db.execute(f"PRAGMA synchronous = {sync}")
-            self._sync = sync
-        rows: list[Row] = []
-        evicted: list[Evicted] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if dead:
-                now = time.time()
-                db.executemany(
-                    "INSERT OR REPLACE INTO dead VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [(r.id, r.lane, r.topic, r.key, r.qos, int(r.retain), r.created, r.expires,
-                      r.payload, reason, now) for r, reason in dead])
-                deletes = deletes + [(r.lane, r.id) for r, _ in dead]
-            if deletes:
-                db.executemany("DELETE FROM rows WHERE lane = ? AND id BETWEEN ? AND ?",
-                               _ranges(deletes))
-            if evict:
-                evicted = self._evict(evict)
-            if inserts:
-                rows = self._insert(inserts)
-            if states:
-                db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", states.items())
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # SQLITE_FULL may have ended it already
-                db.execute("ROLLBACK")
-            # Interned strings inserted in the rolled-back transaction are gone again.
-            self._load_state(db)
-            raise
-        if rows:
-            self.last_id = rows[-1].id
-        return rows, evicted
-
-    def _insert(self, inserts: list[Outgoing]) -> list[Row]:
-        """Bind and insert; the loop is the relay's hot path, so it stays flat."""
-        params = []
-        rows = []
-        next_id = self.last_id
-        interned = self._interned
-        intern = self.intern
-        now = time.time()
-        last_prefix, kp = "", -1
-        for o in inserts:
-            next_id += 1
-            prefix, _, suffix = o.key.rpartition(":")
-            if prefix != last_prefix or kp < 0:
-                kp = interned.get(prefix) or intern(prefix)
-                last_prefix = prefix
-            topic_n = interned.get(o.topic) or intern(o.topic)
-            # A canonical decimal suffix (the usual boot:seq key) is stored as an integer.
-            ks: int | str = int(suffix) if suffix.isascii() and suffix.isdigit() and (
-                suffix[0] != "0" or suffix == "0") else suffix
-            created = int(o.created or now)
-            expires = int(created + o.ttl_s) if o.ttl_s else None
-            params.append((o.priority, next_id, topic_n, kp, ks,
-                           o.qos | (o.retain << 2), created, expires, o.payload))
-            rows.append(Row(o.priority, next_id, o.topic, o.key, o.qos, o.retain, created,
-                            expires, o.payload))
-        self.db.executemany("INSERT INTO rows VALUES (?,?,?,?,?,?,?,?,?)", params)
-        self.last_id = next_id
-        return rows
-
-    def _evict(self, n: int) -> list[Evicted]:
-        """Delete the `n` oldest rows of the lowest lanes (drop_oldest): a prefix per lane."""
-        left = n
-        out: list[Evicted] = []
-        for (lane,) in self.db.execute("SELECT DISTINCT lane FROM rows ORDER BY lane").fetchall():
-            cut = self.db.execute(
-                "SELECT max(id) FROM (SELECT id FROM rows WHERE lane = ? ORDER BY id LIMIT ?)",
-                (lane, left)).fetchone()[0]
-            if cut is None:
-                continue
-            cur = self.db.execute("DELETE FROM rows WHERE lane = ? AND id <= ?", (lane, cut))
-            out.append((lane, int(cut), cur.rowcount))
-            left -= cur.rowcount
-            if left <= 0:
-                break
-        return out
-
-    def page(self, lane: int, after_id: int, limit: int) -> list[Row]:
-        """Rows of one lane after `after_id`, in order: the backlog streams from disk."""
-        cur = self.db.execute(
-            "SELECT lane, id, topic, kp, ks, flags, created, expires, payload FROM rows "
-            "WHERE lane = ? AND id > ? ORDER BY id LIMIT ?", (lane, after_id, limit))
-        names = self._names
-        out = []
-        for r in cur:
-            prefix = names[r[3]]
-            out.append(Row(r[0], r[1], names[r[2]], f"{prefix}:{r[4]}" if prefix else str(r[4]),
-                           r[5] & 3, bool(r[5] & 4), r[6], r[7], r[8]))
-        return out
-
-    def states(self) -> dict[str, bytes]:
-        """Every saved step state, by key (`pipeline:step`)."""
-        return {k: bytes(v) for k, v in self.db.execute("SELECT k, v FROM state")}
-
-    def totals(self) -> tuple[int, int, list[int]]:
-        """(count, logical bytes, lanes present), read once at start."""
-        count, size = self.db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM rows").fetchone()
-        lanes = [r[0] for r in self.db.execute("SELECT DISTINCT lane FROM rows")]
-        topic_bytes = self.db.execute(
-            "SELECT coalesce(sum(length(i.s)), 0) FROM rows r JOIN intern i ON i.n = r.topic"
-        ).fetchone()[0]
-        return int(count), int(size + topic_bytes), lanes
-
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (its space becomes free)."""
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def free_bytes(self) -> int:
-        """Bytes of free pages inside the database file: room that needs no disk."""
-        pages = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return int(pages) * int(size)
-
-    @property
-    def ballast(self) -> Path:
-        return self.path.with_name(BALLAST_NAME)
-
-    def reserve(self) -> bool:
-        """Keep BALLAST_BYTES of disk for recovering from a full disk; True if it is there."""
-        path = self.ballast
-        if path.exists():
-            return True
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, BALLAST_BYTES)
-            finally:
-                os.close(fd)
-            return True
-        except OSError:
-            path.unlink(missing_ok=True)
-            return False
-
-    def release(self) -> bool:
-        """Give the reserve back to the file system; True if there was one."""
-        try:
-            self.ballast.unlink()
-            return True
-        except FileNotFoundError:
-            return False
-
-    def vacuum(self) -> None:
-        """Give freed pages back to the file system once the backlog drained."""
-        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        if free > 256:
-            self.db.execute("PRAGMA incremental_vacuum")
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """SQLITE_FULL (13, also in its extended codes) or ENOSPC from the file system."""
-    code = getattr(exc, "sqlite_errorcode", 0)
-    return (code & 0xFF) == sqlite3.SQLITE_FULL or getattr(exc, "errno", 0) == errno.ENOSPC
-
-
-def _ranges(keys: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(lane, id) pairs as (lane, first, last) runs of consecutive ids.
-
-    Acknowledgements arrive nearly in order, so a batch of a thousand deletes
-    is usually one range: one B-tree descent instead of a thousand.
-    """
-    out: list[tuple[int, int, int]] = []
-    for lane, id_ in sorted(keys):
-        if out and out[-1][0] == lane and id_ <= out[-1][2] + 1:
-            if id_ > out[-1][2]:
-                out[-1] = (lane, out[-1][1], id_)
-        else:
-            out.append((lane, id_, id_))
-    return out
 
 
 class Outbox:
@@ -615,7 +291,7 @@ class Outbox:
             self._deletes = deletes + self._deletes
             self._dead = dead + self._dead
             self._states = {**(states or {}), **self._states}  # newer state wins
-            self._split = self._split or _disk_full(exc)
+            self._split = self._split or disk_full(exc)
             raise OutboxError(str(exc)) from exc
         if self._split:
             await self._run(self.store.checkpoint)  # keep the WAL from growing the disk

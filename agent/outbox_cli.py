@@ -21,8 +21,8 @@ from typing import Any
 import sqlite_utils
 
 from agent.config import OutboxConfig
-from agent.outbox import DB_NAME, Store
 from agent.pipeline import Outgoing
+from agent.store import DB_NAME, Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 OPS = ("stats", "peek", "purge", "retry-dead")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from agent.errors import ConnectError
 from agent.mqtt import Connection
-from agent.outbox import Outbox, Row
+from agent.outbox import Outbox
+from agent.store import Row
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 
 from agent.config import OutboxConfig
 from agent.errors import OutboxError
-from agent.outbox import DB_NAME, Outbox, Row, Store, _ranges
+from agent.outbox import Outbox
 from agent.pipeline import Outgoing
+from agent.store import DB_NAME, Row, Store, _ranges
 from agent.telemetry import Telemetry
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from agent.config import OutboxConfig
 from agent.mqtt import free_port
-from agent.outbox import DB_NAME, Store
 from agent.pipeline import Outgoing
+from agent.store import DB_NAME, Store
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TEST_CONF = ROOT / "broker-config" / "test.conf"

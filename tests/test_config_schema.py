@@ -152,3 +152,12 @@ def test_pipeline_mistakes_are_config_errors_naming_the_place(
     with pytest.raises(ConfigError, match=message) as exc:
         config.from_dict(raw, "agent.toml")
     assert "agent.toml" in str(exc.value)
+
+
+@pytest.mark.parametrize("action", ["forward", "publish"])
+def test_an_unknown_placeholder_in_a_topic_template_is_a_config_error(action: str) -> None:
+    raw = {"device": {"id": "d"},
+           "pipeline": [{"name": "p", "trigger": "a/#",
+                         "steps": [{"action": action, "topic": "{bogus}/x"}]}]}
+    with pytest.raises(ConfigError, match=r"steps\[0\].*unknown placeholder 'bogus'"):
+        config.from_dict(raw, "agent.toml")

@@ -6,22 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from agent.actions.outgoing import OutgoingParams
 from agent.pipeline import ActionContext, Message, Outgoing
-from agent.schema import Duration
 
 
 @dataclass(frozen=True, slots=True)
-class Params:
-    topic: str = "{prefix}/{device}/{topic}"  # also {pipeline}
-    priority: int = 0
-    ttl: Duration | None = None
-    qos: int = 1
-    retain: bool = False
-
-    def __post_init__(self) -> None:
-        if self.qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1 upstream")
-        self.topic.format(prefix="", device="", topic="", pipeline="")
+class Params(OutgoingParams):
+    topic: str = "{prefix}/{device}/{topic}"
 
 
 class Forward:

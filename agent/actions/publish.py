@@ -16,26 +16,17 @@ from typing import Any, ClassVar, Literal
 
 import msgpack
 
+from agent.actions.outgoing import OutgoingParams
 from agent.actions.payload import fields
 from agent.pipeline import ActionContext, Message, Outgoing
-from agent.schema import Duration
 
 ENVELOPE_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
-class Params:
-    format: Literal["json", "msgpack"] = "json"
+class Params(OutgoingParams):
     topic: str = "{prefix}/{device}/events/{pipeline}"
-    priority: int = 0
-    ttl: Duration | None = None
-    qos: int = 1
-    retain: bool = False
-
-    def __post_init__(self) -> None:
-        if self.qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1 upstream")
-        self.topic.format(prefix="", device="", pipeline="", topic="")
+    format: Literal["json", "msgpack"] = "json"
 
 
 class Publish:

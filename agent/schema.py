@@ -76,7 +76,7 @@ def build(cls: type[T], raw: object, where: str) -> T:
             raise ConfigError(f"{where}: missing required key {name!r}")
     try:
         return cls(**values)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # a __post_init__ refused it
         raise ConfigError(f"{where}: {exc}") from exc
 
 

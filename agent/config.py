@@ -219,7 +219,8 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
     sections = {k: v for k, v in raw.items()}
     for name in ("local", "uplink"):
         sections.setdefault(name, {})
-    shell = build(_Sections, sections, where)
+    # The known-table check above keeps `pipelines` and `source` out of `sections`.
+    shell = build(Config, sections, where)
     pipelines = tuple(
         _pipeline(p, f"{where}: pipeline[{i}]") for i, p in enumerate(pipelines_raw)
     )
@@ -227,23 +228,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: pipeline name {dupes[0]!r} is used twice")
-    return Config(
-        device=shell.device, local=shell.local, uplink=shell.uplink, outbox=shell.outbox,
-        runtime=shell.runtime, camera=shell.camera, service=shell.service,
-        telemetry=shell.telemetry, pipelines=pipelines, source=where,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Sections:
-    device: DeviceConfig
-    local: BrokerConfig
-    uplink: BrokerConfig
-    outbox: OutboxConfig = field(default_factory=OutboxConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    service: ServiceConfig = field(default_factory=ServiceConfig)
-    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    return replace(shell, pipelines=pipelines, source=where)
 
 
 def _pipeline(raw: object, where: str) -> PipelineConfig:

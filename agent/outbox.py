@@ -128,15 +128,20 @@ class Outbox:
         """Already counted out: drop_oldest evicted it while it was in the sender's hands."""
         return row.id <= self._evicted_to.get(row.lane, 0)
 
-    def acked(self, row: Row) -> None:
-        """The next hop took `row` (success reason code): delete it in the next commit."""
+    def _settle(self, row: Row, counter: str) -> bool:
+        """Delete `row` in the next commit; False when drop_oldest already counted it out."""
         self._deletes.append((row.lane, row.id))
         self._wake.set()
         if self.gone(row):
-            return
+            return False
         self.count -= 1
         self.bytes -= row.size
-        self.counters.inc("delivered")
+        self.counters.inc(counter)
+        return True
+
+    def acked(self, row: Row) -> None:
+        """The next hop took `row` (success reason code): delete it in the next commit."""
+        self._settle(row, "delivered")
 
     def to_dead(self, row: Row, reason: str) -> None:
         """Move `row` to the dead-letter table (refused by the broker, or too large)."""
@@ -153,15 +158,10 @@ class Outbox:
 
     def expired(self, row: Row) -> None:
         """`row` outlived its TTL before it could be sent: drop it, counted."""
-        self._deletes.append((row.lane, row.id))
-        self._wake.set()
-        if self.gone(row):
-            return
-        self.count -= 1
-        self.bytes -= row.size
-        self.counters.inc("dropped_expired")
-        self.telemetry.warn_burst("outbox:expired", "outbox: dropped expired message %s on %s",
-                                  row.key, row.topic)
+        if self._settle(row, "dropped_expired"):
+            self.telemetry.warn_burst("outbox:expired",
+                                      "outbox: dropped expired message %s on %s",
+                                      row.key, row.topic)
 
     # -- the group committer ----------------------------------------------------
 

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.bench.relay import Broker, _agent
+from agent.bench.relay import Broker, _agent, _agent_config
 from agent.mqtt import free_port
 
 KEEPALIVE_S = 2
@@ -70,27 +70,6 @@ class _Proxy:
         self._srv.close()
 
 
-def _config(work: Path, local: int, uplink: int) -> Path:
-    cfg = work / "agent.toml"
-    cfg.write_text(f"""
-[device]
-id = "bench"
-data_dir = "{work / 'data'}"
-[local]
-url = "mqtt://127.0.0.1:{local}"
-[uplink]
-url = "mqtt://127.0.0.1:{uplink}"
-keepalive_s = {KEEPALIVE_S}
-reconnect_min_s = "5s"
-reconnect_max_s = "5s"
-[[pipeline]]
-name = "relay"
-trigger = "sensors/#"
-steps = [{{ action = "forward" }}]
-""")
-    return cfg
-
-
 def run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fogwhisk bench blackhole")
     ap.add_argument("--trials", type=int, default=3)
@@ -104,7 +83,9 @@ def run(argv: list[str]) -> int:
             for i in range(args.trials):
                 proxy = _Proxy(uplink.port)
                 (work / str(i)).mkdir()
-                with _agent(_config(work / str(i), local.port, proxy.port)):
+                cfg = _agent_config(work / str(i), local.port, proxy.port,
+                                    uplink_extra=f"keepalive_s = {KEEPALIVE_S}")
+                with _agent(cfg):
                     if not proxy.connected.wait(30):
                         raise RuntimeError("the agent never connected through the proxy")
                     time.sleep(KEEPALIVE_S * 1.5)  # a settled connection, pings exchanged

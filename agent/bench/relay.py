@@ -103,7 +103,8 @@ def _subscriber(port: int, topic: str, n: int) -> subprocess.Popen[bytes]:
     return sub
 
 
-def _agent_config(work: Path, local: int, uplink: int, extra: str = "") -> Path:
+def _agent_config(work: Path, local: int, uplink: int, extra: str = "",
+                  uplink_extra: str = "") -> Path:
     cfg = work / "agent.toml"
     cfg.write_text(f"""
 [device]
@@ -115,6 +116,7 @@ url = "mqtt://127.0.0.1:{local}"
 url = "mqtt://127.0.0.1:{uplink}"
 reconnect_min_s = "0.1s"
 reconnect_max_s = "0.5s"
+{uplink_extra}
 [outbox]
 max_messages = 5000000
 max_bytes = "2GB"

@@ -15,10 +15,28 @@ def validate_filter(topic_filter: str) -> None:
             raise ValueError(f"topic filter {topic_filter!r}: + must be a whole level")
 
 
+MAX_TOPIC_BYTES = 65535
+
+
 def validate_name(topic: str) -> None:
-    """Raise ValueError unless `topic` is a valid topic name to publish on."""
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-        raise ValueError(f"topic name {topic!r} is empty or holds a wildcard or NUL")
+    """Raise ValueError unless `topic` is a valid topic name to publish on.
+
+    The MQTT rules (3.1.1 section 4.7, 5.0 section 4.7): not empty, UTF-8 of at most
+    65,535 bytes, no NUL, no wildcard. Checked where a topic is made or received, so a
+    bad one is refused with its reason instead of failing later inside the codec.
+    """
+    if not topic:
+        raise ValueError("topic name is empty")
+    try:
+        size = len(topic.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"topic name {topic[:80]!r} is not valid UTF-8") from None
+    if size > MAX_TOPIC_BYTES:
+        raise ValueError(f"topic name of {size} bytes is longer than {MAX_TOPIC_BYTES}")
+    if "\x00" in topic:
+        raise ValueError(f"topic name {topic[:80]!r} holds NUL")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"topic name {topic[:80]!r} holds a wildcard")
 
 
 def matches(topic_filter: str, topic: str) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent.errors import AgentError, ConfigError
+from agent.urls import redact_text, redact_url
 
 log = logging.getLogger("agent")
 
@@ -26,9 +27,17 @@ def _setup_logging(level: str) -> None:
     journald = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if journald else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("agent.mqtt.paho").setLevel(logging.WARNING)
+
+
+class _Redacting(logging.Formatter):
+    """Every log line, tracebacks included, with URL passwords masked (mqtt://u:***@h)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,14 +82,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
-        print(f"fogwhisk: bad config: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except AgentError as exc:
-        print(f"fogwhisk: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except Exception as exc:  # the one place where any failure becomes an exit code
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> int:
+    """One line on stderr and an exit code, whatever escaped (a TaskGroup wraps its tasks').
+
+    2 when every cause is a ConfigError (systemd's RestartPreventExitStatus=2 stops
+    the restart loop), else 1. The traceback of an unexpected error goes to the log
+    at DEBUG (`--log-level debug`); `app.run` logs it at ERROR once the agent was up.
+    """
+    causes = _leaves(exc)
+    if all(isinstance(c, ConfigError) for c in causes):
+        print(_one_line("fogwhisk: bad config: ", causes), file=sys.stderr)
+        return EXIT_USAGE
+    if not all(isinstance(c, AgentError) for c in causes):
+        log.debug("unexpected failure", exc_info=exc)
+    print(_one_line("fogwhisk: ", causes), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def _one_line(head: str, causes: list[BaseException]) -> str:
+    def text(c: BaseException) -> str:
+        return str(c) if isinstance(c, AgentError) else f"{type(c).__name__}: {c}"
+    return redact_text(" ".join((head + "; ".join(text(c) for c in causes)).split()))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -90,12 +124,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent import app
 
         cfg = config.load(args.config)
+        config.preflight(cfg)
         asyncio.run(app.run(cfg))
         return EXIT_OK
     if args.command == "check-config":
         from agent.schema import to_dict
 
         cfg = config.load(args.config)
+        config.preflight(cfg)
         print(json.dumps(_redacted(to_dict(cfg)), indent=2, default=str))
         print(f"{args.config}: ok", file=sys.stderr)
         return EXIT_OK
@@ -123,10 +159,8 @@ def _redacted(value: object) -> object:
     """The effective config without secrets: passwords print as ***."""
     if isinstance(value, dict):
         return {k: "***" if k == "password" and v else _redacted(v) for k, v in value.items()}
-    if isinstance(value, str) and "://" in value and "@" in value:  # mqtt://user:pw@host
-        scheme, _, rest = value.partition("://")
-        userinfo, _, host = rest.rpartition("@")
-        return f"{scheme}://{userinfo.split(':')[0]}:***@{host}" if ":" in userinfo else value
+    if isinstance(value, str) and "://" in value:  # mqtt://user:pw@host
+        return redact_url(value)
     if isinstance(value, list):
         return [_redacted(v) for v in value]
     return value

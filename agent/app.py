@@ -307,4 +307,19 @@ def _covers(general: str, specific: str) -> bool:
 
 
 async def run(cfg: Config) -> None:
-    await Agent(cfg).run()
+    agent = Agent(cfg)
+    try:
+        await agent.run()
+    except Exception as exc:
+        # `fogwhisk run` reports any failure in one line. One after start-up is a bug
+        # or a broken machine, not a config: its traceback goes to the journal too.
+        if agent.ready.is_set() and _unexpected(exc):
+            log.exception("fogwhisk failed while running")
+        raise
+
+
+def _unexpected(exc: BaseException) -> bool:
+    """True unless every cause (a TaskGroup wraps them) is one the agent itself raised."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_unexpected(e) for e in exc.exceptions)
+    return not isinstance(exc, AgentError)

@@ -7,16 +7,20 @@ board defaults for the `runtime`, `camera`, `outbox`, `service` and
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import ssl
 import tomllib
-from dataclasses import dataclass, field, replace
+import typing
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from agent import topics
 from agent.errors import ConfigError
-from agent.schema import Duration, Size, build
+from agent.schema import Duration, Seconds, Size, build, convert
+from agent.urls import redact_text, redact_url
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware-profiles"
 PROFILE_SECTIONS = ("runtime", "camera", "outbox", "service", "telemetry")
@@ -32,6 +36,12 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/+#"):
             raise ValueError(f"device id {self.id!r} must be non-empty without / + #")
+        if not self.prefix:
+            raise ValueError("prefix: must not be empty")
+        try:  # the agent's own topics start with it
+            topics.validate_name(topics.status(self.prefix, self.id))
+        except ValueError as exc:
+            raise ValueError(f"prefix: {self.prefix!r} makes a bad topic: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,22 +54,54 @@ class BrokerConfig:
     cert: str | None = None
     key: str | None = None
     protocol: Literal["5", "3.1.1"] = "5"
-    keepalive_s: int = 30
+    keepalive_s: Seconds = Seconds(30)
     session_expiry_s: Duration = Duration(86400)
     reconnect_min_s: Duration = Duration(0.5)
     reconnect_max_s: Duration = Duration(30)
     connect_timeout_s: Duration = Duration(10)
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
+        shown = redact_url(self.url)  # error messages never carry the password
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port
+        except ValueError as exc:  # a port that is no number or out of range, a bad IPv6
+            raise ValueError(f"url: {shown!r}: {redact_text(str(exc))} "
+                             "(a port is a number from 1 to 65535)") from None
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"url {self.url!r}: scheme must be mqtt:// or mqtts://")
+            raise ValueError(f"url: {shown!r}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
-            raise ValueError(f"url {self.url!r} has no host")
+            raise ValueError(f"url: {shown!r} has no host")
+        if port == 0:
+            raise ValueError(f"url: {shown!r}: port 0 cannot be connected to")
+        if not self.tls:
+            for key in ("ca", "cert", "key"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: TLS files with a plain mqtt:// URL would be "
+                                     "ignored: use mqtts://")
+            # Over loopback a password never leaves the machine; anywhere else it would
+            # cross the network in clear.
+            if not _loopback(parts.hostname):
+                if self.password is not None:
+                    raise ValueError("password: would cross the network in clear over "
+                                     f"{shown!r}: use mqtts://")
+                if parts.password is not None:
+                    raise ValueError(f"url: {shown!r} holds a password that would cross the "
+                                     "network in clear: use mqtts://")
+        if self.key is not None and self.cert is None:
+            raise ValueError("key: a client key needs its certificate: set cert too")
         if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
-        if self.keepalive_s < 1:
-            raise ValueError("keepalive_s must be at least 1")
+        if not 1 <= self.keepalive_s <= 65535:  # MQTT's two-byte keep alive
+            raise ValueError(f"keepalive_s: must lie within 1 s and 65535 s, "
+                             f"got {self.keepalive_s}")
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:  # MQTT 5's four-byte expiry
+            raise ValueError(f"session_expiry_s: must lie within 0 s and 4294967295 s, "
+                             f"got {self.session_expiry_s:g}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s: must be positive")
+        if self.client_id is not None and len(self.client_id.encode()) > 65535:
+            raise ValueError("client_id: longer than MQTT's 65535 bytes")
 
     @property
     def host(self) -> str:
@@ -99,6 +141,9 @@ class OutboxConfig:
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_messages <= 0 or self.commit_max_rows <= 0:
             raise ValueError("max_bytes, max_messages and commit_max_rows must be positive")
+        for key in ("min_free_bytes", "commit_interval_ms", "inflight"):
+            if getattr(self, key) < 0:  # a negative window would never send anything
+                raise ValueError(f"{key}: must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +152,14 @@ class RuntimeConfig:
     fallback: tuple[str, ...] = ("litert",)  # ordered chain, e.g. ["edgetpu", "litert"]
     reprobe_s: Duration = Duration(300)
 
+    def __post_init__(self) -> None:
+        if self.num_threads < 1:
+            raise ValueError("num_threads: must be at least 1")
+        if not self.fallback:
+            raise ValueError("fallback: name at least one runtime")
+        if self.reprobe_s <= 0:
+            raise ValueError("reprobe_s: must be positive")
+
 
 @dataclass(frozen=True, slots=True)
 class CameraConfig:
@@ -114,17 +167,36 @@ class CameraConfig:
     frame_height: int = 480
     fps_cap: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.frame_width < 1 or self.frame_height < 1:
+            raise ValueError("frame_width and frame_height must be positive")
+        if self.fps_cap <= 0:
+            raise ValueError("fps_cap: must be positive")
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     grace_s: Duration = Duration(10)
     memory_max: str = "512M"
     watchdog_s: Duration = Duration(30)
+    # The unit's DeviceAllow= (agent/service.py): char-NAME groups from /proc/devices
+    # or /dev nodes, granted rw; empty gives PrivateDevices=yes.
+    devices: tuple[str, ...] = ()
+    # Socket families beyond AF_UNIX AF_INET AF_INET6 (libusb needs AF_NETLINK).
+    address_families: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.grace_s < 0 or self.watchdog_s < 0:
+            raise ValueError("grace_s and watchdog_s must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     interval_s: Duration = Duration(30)
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:  # 0 would publish telemetry in a busy loop
+            raise ValueError("interval_s: must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +218,10 @@ class TriggerConfig:
             topics.validate_filter(self.topic)
         if self.qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if self.every_s is not None and self.every_s <= 0:
+            raise ValueError("every_s: must be positive")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError("fps: must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +296,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
     for name in ("local", "uplink"):
         sections.setdefault(name, {})
     # The known-table check above keeps `pipelines` and `source` out of `sections`.
-    shell = build(Config, sections, where)
+    shell = _sections(Config, sections, where)
     pipelines = tuple(
         _pipeline(p, f"{where}: pipeline[{i}]") for i, p in enumerate(pipelines_raw)
     )
@@ -228,7 +304,67 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: pipeline name {dupes[0]!r} is used twice")
-    return replace(shell, pipelines=pipelines, source=where)
+    cfg = replace(shell, pipelines=pipelines, source=where)
+    _check_client_ids(cfg)
+    return _beside(cfg, base_dir) if base_dir is not None else cfg
+
+
+def _sections(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
+    """Build a dataclass of tables, each named `FILE: table.key` in errors."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: convert(hints[f.name], raw[f.name], f"{where}: {f.name}")
+              for f in fields(cls) if f.name in raw}
+    return cls(**values)
+
+
+def _check_client_ids(cfg: Config) -> None:
+    """Two connections with one client id take each other's session on a shared broker."""
+    local, uplink = cfg.client_id("local"), cfg.client_id("uplink")
+    if local == uplink:
+        key = "local.client_id" if cfg.local.client_id is not None else "uplink.client_id"
+        raise ConfigError(f"{cfg.source}: {key}: {local!r} is also the other connection's "
+                          "client id; a broker drops one connection for the other: "
+                          "give each its own")
+
+
+def _beside(cfg: Config, base_dir: Path) -> Config:
+    """Relative paths read from the config file's directory, as check-config saw them.
+
+    A service's working directory is not the operator's: `run` under systemd and
+    `check-config` in a shell must read the same TLS files, data dir and videos.
+    """
+    def at(path: str) -> str:
+        return path if os.path.isabs(path) else str(base_dir / path)
+
+    def maybe(path: str | None) -> str | None:
+        return None if path is None else at(path)
+
+    def broker(b: BrokerConfig) -> BrokerConfig:
+        return replace(b, ca=maybe(b.ca), cert=maybe(b.cert), key=maybe(b.key))
+
+    def pipeline(p: PipelineConfig) -> PipelineConfig:
+        cam = p.trigger.camera
+        if cam is None or not _is_file_source(cam):
+            return p
+        return replace(p, trigger=replace(p.trigger, camera=at(cam)))
+
+    return replace(cfg, device=replace(cfg.device, data_dir=at(cfg.device.data_dir)),
+                   local=broker(cfg.local), uplink=broker(cfg.uplink),
+                   pipelines=tuple(pipeline(p) for p in cfg.pipelines))
+
+
+def _is_file_source(camera: str) -> bool:
+    """A video file, not a device or a stream (those may come and go; files do not)."""
+    return not camera.startswith("/dev/") and "://" not in camera
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _pipeline(raw: object, where: str) -> PipelineConfig:
@@ -262,7 +398,37 @@ def _pipeline(raw: object, where: str) -> PipelineConfig:
     shell = build(_PipelineShell, raw, where)
     if not shell.name or "/" in shell.name or "+" in shell.name or "#" in shell.name:
         raise ConfigError(f"{where}: name must be non-empty without / + #")
+    _check_flow(shell.trigger, steps, where)
     return PipelineConfig(shell.name, shell.trigger, tuple(steps), shell.queue, shell.workers)
+
+
+def _check_flow(trigger: TriggerConfig, steps: list[StepConfig], where: str) -> None:
+    """Each step must be able to take what the one before gives, and something must be sent.
+
+    Otherwise `run` would start and drop every message at that step (counted as
+    malformed), or never send anything: a config error is the honest answer.
+    """
+    from agent.actions import registry
+
+    kind: registry.Kind = ("bytes" if trigger.topic is not None
+                           else "frame" if trigger.camera is not None else "dict")
+    source = "the trigger"
+    for i, step in enumerate(steps):
+        swhere = f"{where}.steps[{i}] ({step.action})"
+        flow = registry.flow(step.action)
+        if kind == "sent":
+            raise ConfigError(f"{swhere}: no message reaches it: {source} already sent it "
+                              "up (forward and publish end a pipeline)")
+        if kind != "any" and "any" not in flow.takes and kind not in flow.takes:
+            takes = " or ".join(registry.KIND_NAMES[k] for k in sorted(flow.takes))
+            hint = f" ({flow.hint})" if flow.hint else ""
+            raise ConfigError(f"{swhere}: takes {takes} but gets "
+                              f"{registry.KIND_NAMES[kind]} from {source}{hint}")
+        kind = flow.gives or kind
+        source = f"steps[{i}] ({step.action})"
+    if kind not in ("sent", "any"):
+        raise ConfigError(f"{where}.steps: sends nothing up: it ends with {source}, which "
+                          f"gives {registry.KIND_NAMES[kind]}; end it with publish or forward")
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +438,12 @@ class _PipelineShell:
     steps: tuple[Any, ...] = ()
     queue: int = 1000
     workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.queue < 1:
+            raise ValueError("queue: must be at least 1")
+        if self.workers < 1:
+            raise ValueError("workers: must be at least 1")
 
 
 def load_profile(name: str, base_dir: Path | None = None,
@@ -294,7 +466,7 @@ def load_profile(name: str, base_dir: Path | None = None,
                 raise ConfigError(
                     f"{path}: a profile may only set {PROFILE_SECTIONS}, not [{extra[0]}]")
             # Validate the profile alone so its own mistakes name its own file.
-            build(_ProfileSections, raw, str(path))
+            _sections(_ProfileSections, raw, str(path))
             return raw
     known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
     raise ConfigError(
@@ -319,6 +491,82 @@ def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def preflight(cfg: Config) -> None:
+    """What `run` needs from this machine, checked before it starts (and by check-config).
+
+    TLS files that load, models that are known and fetched (with the labels a step
+    asks for), runtimes that exist, video files that exist. Kept out of `load` so
+    that `fogwhisk outbox` and the unit writer work before certificates arrive.
+    """
+    for which in ("local", "uplink"):
+        broker: BrokerConfig = getattr(cfg, which)
+        if broker.tls:
+            _check_tls(broker, f"{cfg.source}: {which}")
+    detects = []
+    for i, p in enumerate(cfg.pipelines):
+        where = f"{cfg.source}: pipeline[{i}] ({p.name})"
+        cam = p.trigger.camera
+        if cam is not None and _is_file_source(cam) and not os.path.isfile(cam):
+            raise ConfigError(f"{where}.trigger.camera: no video file {cam}")
+        detects += [(f"{where}.steps[{k}] (detect)", s.params)
+                    for k, s in enumerate(p.steps) if s.action == "detect"]
+    if detects:
+        _check_runtimes(cfg)
+    for where, params in detects:
+        _check_model(cfg, params.model, params.labels, where)
+
+
+def _check_tls(broker: BrokerConfig, where: str) -> None:
+    """Each file readable, then loaded as `agent.mqtt` loads them, so a bad one names itself."""
+    for key in ("ca", "cert", "key"):
+        path = getattr(broker, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{where}.{key}: {path}: cannot read: {exc.strerror}") from None
+    try:
+        ctx = ssl.create_default_context(cafile=broker.ca)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where}.ca: {broker.ca}: not a PEM CA certificate: "
+                          f"{exc.reason or exc}") from None
+    if broker.cert is None:
+        return
+    try:
+        # An encrypted key would make OpenSSL ask on the terminal; under systemd there is none.
+        ctx.load_cert_chain(broker.cert, broker.key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where}.cert, {where.rpartition(': ')[2]}.key: {broker.cert} and "
+                          f"{broker.key or 'no key'} are not a certificate and its own "
+                          f"unencrypted key: {exc.reason or exc}") from None
+
+
+def _check_runtimes(cfg: Config) -> None:
+    from agent import runtimes  # numpy: only for configs that run a model
+
+    unknown = [r for r in cfg.runtime.fallback if r not in runtimes.RUNTIMES]
+    if unknown:
+        raise ConfigError(f"{cfg.source}: runtime.fallback: unknown runtime {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(runtimes.RUNTIMES))})")
+
+
+def _check_model(cfg: Config, name: str, labels: tuple[str, ...], where: str) -> None:
+    """The model `detect` would resolve (same store, same data dir), without hashing it."""
+    from agent.errors import ModelError
+    from agent.models import ModelStore
+
+    try:
+        ref = ModelStore(cfg.data_dir).resolve(name, check=False)
+    except ModelError as exc:
+        raise ConfigError(f"{where}.model: {exc}") from None
+    missing = [label for label in labels if label not in ref.manifest.labels]
+    if missing:
+        raise ConfigError(f"{where}.labels: model {name!r} has no label {missing[0]!r} "
+                          f"(it has: {', '.join(ref.manifest.labels)})")
 
 
 def with_data_dir(cfg: Config, data_dir: str) -> Config:

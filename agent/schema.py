@@ -9,6 +9,7 @@ and where it came from. Nothing past this module handles raw dicts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -41,6 +42,8 @@ def parse_size(value: object, where: str) -> int:
 def parse_duration(value: object, where: str) -> float:
     """Parse `1h`, `30s`, `250ms` or a plain number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a duration like 30s or 1h, got {value!r}")
         return float(value)
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", value)
@@ -57,8 +60,26 @@ class Duration(float):
     """Seconds; accepts `1h` in config."""
 
 
+class Seconds(int):
+    """Whole seconds (what MQTT's keep alive counts in); accepts `30s` and `1m` in config."""
+
+
+def parse_seconds(value: object, where: str) -> int:
+    """A duration that is a whole number of seconds: `30s`, `2m`, `45`."""
+    seconds = parse_duration(value, where)
+    if seconds != int(seconds):
+        raise ConfigError(f"{where}: expected whole seconds, got {value!r}")
+    return int(seconds)
+
+
+SECRET_KEYS = frozenset({"password"})  # their values are never echoed in an error
+
+
 def build(cls: type[T], raw: object, where: str) -> T:
-    """Validate `raw` against dataclass `cls`; `where` names the file and table."""
+    """Validate `raw` against dataclass `cls`; `where` names the file and table.
+
+    A `__post_init__` refusal becomes a ConfigError; worded `"key: why"` it names that key.
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -71,12 +92,21 @@ def build(cls: type[T], raw: object, where: str) -> T:
     values: dict[str, Any] = {}
     for name, f in fields.items():
         if name in raw:
-            values[name] = convert(hints[name], raw[name], f"{where}.{name}")
+            try:
+                values[name] = convert(hints[name], raw[name], f"{where}.{name}")
+            except ConfigError:
+                if name not in SECRET_KEYS:
+                    raise
+                raise ConfigError(f"{where}.{name}: expected a string") from None
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {name!r}")
     try:
         return cls(**values)
     except (ValueError, TypeError, KeyError, IndexError) as exc:  # a __post_init__ refused it
+        # A refusal worded "key: why" names its key, like the errors above.
+        key, sep, why = str(exc).partition(": ")
+        if sep and key in fields:
+            raise ConfigError(f"{where}.{key}: {why}") from exc
         raise ConfigError(f"{where}: {exc}") from exc
 
 
@@ -122,6 +152,8 @@ def convert(tp: Any, value: object, where: str) -> Any:
         return Size(parse_size(value, where))
     if tp is Duration:
         return Duration(parse_duration(value, where))
+    if tp is Seconds:
+        return Seconds(parse_seconds(value, where))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -131,7 +163,8 @@ def convert(tp: Any, value: object, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:

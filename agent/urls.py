@@ -1,0 +1,30 @@
+"""Broker URLs in messages: the password never reaches a log line or an error."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+MASK = "***"
+
+# scheme://user:password@host — the password runs to the last @ before the host,
+# as urllib.parse reads it (a password may hold an @).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"]*):([^\s/'\"]*)@")
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo replaced by ***; the rest unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed URL may still hold a password: mask by pattern
+        return redact_text(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+
+
+def redact_text(text: str) -> str:
+    """Every `scheme://user:password@` in free text, with the password masked."""
+    return _USERINFO.sub(rf"\1:{MASK}@", text)

@@ -5,6 +5,8 @@ transaction holding everything it produced has committed (`agent.store`); a
 row is deleted only after the next hop acknowledged it with a success reason
 code. Group commit: the next batch gathers while the current one syncs.
 Bounds (bytes, count, free disk) apply `on_full`; every drop is counted.
+An output on a topic no broker takes (a step's mistake) is never stored: it
+is counted as malformed on its pipeline and its input acknowledged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from agent import topics
 from agent.config import OutboxConfig
 from agent.errors import OutboxError
 from agent.pipeline import Outgoing
@@ -33,6 +36,7 @@ DISK_CHECK_S = 1.0
 RETRY_S = 0.5
 SPLIT_ROWS = 64  # rows per transaction while recovering from a failed commit
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
+CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
 
 Done = Callable[[], None]
 
@@ -74,6 +78,7 @@ class Outbox:
         self.on_rows: Callable[[list[Row]], None] = lambda rows: None
         self.on_evicted: Callable[[int, int], None] = lambda lane, upto: None
         self.lanes_on_disk: set[int] = set()
+        self._valid_topics: set[str] = set()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,6 +99,8 @@ class Outbox:
 
     def submit(self, items: list[Outgoing], done: Done | None) -> None:
         """Take a message's outputs; `done` runs once they are committed (then ack the input)."""
+        if items and not (len(items) == 1 and items[0].topic in self._valid_topics):
+            items = self._publishable(items)
         if items:
             self._inserts.extend(items)
             if not self._durable and (self.cfg.bulk_synchronous == "FULL"
@@ -102,6 +109,30 @@ class Outbox:
         if done is not None:
             self._dones.append((self._base + len(self._inserts), done))
         self._wake.set()
+
+    def _publishable(self, items: list[Outgoing]) -> list[Outgoing]:
+        """`items` without those on a topic no broker takes; each dropped one is counted.
+
+        Forward checks its own topics; this catches every other producer (publish
+        templates, user actions) before a row that could never leave is stored.
+        """
+        known = self._valid_topics
+        kept = []
+        for o in items:
+            if o.topic not in known:
+                try:
+                    topics.validate_name(o.topic)
+                except ValueError as exc:
+                    self.telemetry.pipeline(o.pipeline).inc("malformed")
+                    self.telemetry.warn_burst(
+                        f"outbox:topic:{o.pipeline}", "pipeline %s: dropped a message with "
+                        "no valid topic to publish on: %s", o.pipeline, exc)
+                    continue
+                if len(known) >= CHECKED_TOPICS:
+                    known.clear()
+                known.add(o.topic)
+            kept.append(o)
+        return kept
 
     def save_state(self, states: dict[str, bytes]) -> None:
         """Step state to commit no later than the acks of inputs submitted after this call.

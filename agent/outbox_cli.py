@@ -82,6 +82,13 @@ def _age(created: float | None, now: float) -> str:
     return f"{s / 86400:.1f}d"
 
 
+def _cell(text: str, width: int = 100) -> str:
+    """`text` fit for a table: control characters escaped, at most `width` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= width else f"{text[:width - 20]}...({len(text)} chars)"
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
     cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -116,7 +123,8 @@ def stats(path: Path) -> int:
     print(f"\ndead letters: {dead_total}")
     if reasons:
         _table(("reason", "messages", "bytes"),
-               [(r["reason"], r["n"], _size(r["bytes"] or 0)) for r in reasons])
+               [(_cell(r["reason"] or "", 200), r["n"], _size(r["bytes"] or 0))
+                for r in reasons])
     return EXIT_OK
 
 
@@ -125,10 +133,11 @@ def peek(path: Path, limit: int, dead: bool) -> int:
     now = time.time()
     with read_only(path) as db:
         if dead:
-            rows = [(r["lane"], r["key"], r["topic"], len(r["payload"] or b""),
-                     _age(r["created"], now), r["reason"])
+            rows = [(r["lane"], _cell(r["key"] or ""), _cell(r["topic"] or ""),
+                     len(r["payload"] or b""), _age(r["dead_at"], now),
+                     _cell(r["reason"] or "", 200))
                     for r in db.query("SELECT * FROM dead ORDER BY id LIMIT ?", [limit])]
-            _table(("lane", "key", "topic", "size", "age", "reason"), rows)
+            _table(("lane", "key", "topic", "size", "dead since", "reason"), rows)
             return EXIT_OK
         out: list[tuple[Any, ...]] = []
         for (lane,) in db.execute("SELECT DISTINCT lane FROM rows ORDER BY lane DESC").fetchall():
@@ -140,9 +149,13 @@ def peek(path: Path, limit: int, dead: bool) -> int:
                     "WHERE r.lane = ? ORDER BY r.id LIMIT ?", [lane, limit]):
                 expires = "-" if r["expires"] is None else _age(now, r["expires"]) \
                     if r["expires"] > now else "expired"
-                out.append((r["lane"], r["key"], r["topic"], r["size"],
+                out.append((r["lane"], _cell(str(r["key"])), _cell(r["topic"]), r["size"],
                             _age(r["created"], now), expires))
+        n_dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
     _table(("lane", "key", "topic", "size", "age", "expires in"), out)
+    if n_dead:
+        print(f"\n{n_dead} dead letters: `fogwhisk outbox peek --dead` shows them with "
+              "their reason")
     return EXIT_OK
 
 

@@ -1,9 +1,11 @@
 """The uplink sender: outbox rows to the next hop, in order per lane, within a window.
 
 A row leaves the outbox only when the next hop answered its PUBLISH with a
-success reason code. A failure code, or a row larger than the broker's
-maximum packet size, sends it to the dead-letter table instead of blocking
-the lane. After a reconnect the unacknowledged rows go again, in order.
+success reason code. A failure code, a row larger than the broker's maximum
+packet size, a topic no broker takes (too long, a wildcard, NUL: e.g. stored
+by an older agent) or any error building its PUBLISH sends that row to the
+dead-letter table, with the reason, instead of blocking the lane or stopping
+the agent. After a reconnect the unacknowledged rows go again, in order.
 
 The backlog streams from disk a page at a time; only a bounded window of
 rows is ever in memory, however long the outage was.
@@ -17,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from agent import topics
 from agent.errors import ConnectError
 from agent.mqtt import Connection
 from agent.outbox import Outbox
@@ -29,6 +32,7 @@ MAX_WINDOW = 4096
 MEMORY_ROWS = 4000  # per lane; beyond it the lane streams from disk
 KEY_PROPERTY = "fogwhisk-id"
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and our properties, roughly
+CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
 
 
 @dataclass(slots=True)
@@ -52,6 +56,7 @@ class Sender:
         self.max_committed: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._inflight = 0
+        self._valid_topics: set[str] = set()
         outbox.on_rows = self._committed
         outbox.on_evicted = self._evicted
         for priority in outbox.lanes_on_disk:
@@ -150,27 +155,56 @@ class Sender:
             lane.on_disk = False
 
     def _send(self, lane: Lane, row: Row) -> bool:
+        """Hand `row` to the connection; False when the connection is gone (try it later).
+
+        Whatever is wrong with the row itself settles that row (dead letter or
+        expiry), never the lane: one bad row must not stop the rows behind it.
+        """
         now = time.time()
         if row.expires is not None and row.expires <= now:
             self.outbox.expired(row)
             return True
-        max_packet = self.conn.server_max_packet
-        if max_packet and len(row.payload) + len(row.topic) + PACKET_OVERHEAD > max_packet:
-            self.outbox.to_dead(row, f"larger than the broker's maximum packet size {max_packet}")
+        reason = self._unpublishable(row)
+        if reason:
+            self.outbox.to_dead(row, reason)
             return True
         expiry_s = max(1, int(row.expires - now)) if row.expires is not None else None
+        # In flight before the call: a QoS 0 PUBLISH is "acknowledged" inside it.
+        lane.unacked[row.id] = row
+        self._inflight += 1
         try:
             self.conn.publish(row.topic, row.payload, row.qos, row.retain,
                               user_properties=((KEY_PROPERTY, row.key),), expiry_s=expiry_s,
                               on_published=lambda rc, name: self._done(lane, row, rc, name))
         except ConnectError:
+            self._forget(lane, row)
             return False
-        except ValueError as exc:  # paho refuses e.g. a payload over 268,435,455 bytes
-            self.outbox.to_dead(row, f"not publishable: {exc}")
+        except Exception as exc:  # any error building this one PUBLISH
+            # Defense in depth behind `_unpublishable`: e.g. the codec refusing a field.
+            # Queuing a packet does no I/O, so this is about the row, never the network.
+            self._forget(lane, row)
+            self.outbox.to_dead(row, f"not publishable: {type(exc).__name__}: {exc}")
             return True
-        lane.unacked[row.id] = row
-        self._inflight += 1
         return True
+
+    def _forget(self, lane: Lane, row: Row) -> None:
+        if lane.unacked.pop(row.id, None) is not None:
+            self._inflight -= 1
+
+    def _unpublishable(self, row: Row) -> str:
+        """Why no broker could take `row` ("" when it is fine)."""
+        if row.topic not in self._valid_topics:
+            try:
+                topics.validate_name(row.topic)
+            except ValueError as exc:
+                return f"invalid topic: {exc}"
+            if len(self._valid_topics) >= CHECKED_TOPICS:
+                self._valid_topics.clear()
+            self._valid_topics.add(row.topic)
+        max_packet = self.conn.server_max_packet
+        if max_packet and len(row.payload) + len(row.topic) + PACKET_OVERHEAD > max_packet:
+            return f"larger than the broker's maximum packet size {max_packet}"
+        return ""
 
     def _done(self, lane: Lane, row: Row, rc: int, name: str) -> None:
         if lane.unacked.pop(row.id, None) is None:

@@ -1,9 +1,20 @@
-"""What every step that sends a message upward takes: topic template, lane, TTL, QoS."""
+"""What every step that sends a message upward takes: topic template, lane, TTL, QoS.
+
+Topics are checked where they are made (`agent.topics.validate_name`): a
+template whose own text can never make a valid topic name (a wildcard, NUL) is
+a config error; a topic that only the input makes invalid (a 65,530-byte
+sensor topic grows past 65,535 bytes under the prefix) is a `PayloadError`:
+that input is malformed for this pipeline, counted, dropped and acknowledged,
+since nothing can ever be produced for it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent import topics
+from agent.errors import ConfigError, PayloadError
+from agent.pipeline import ActionContext
 from agent.schema import Duration
 
 TEMPLATE_FIELDS = ("prefix", "device", "pipeline", "topic")
@@ -21,7 +32,37 @@ class OutgoingParams:
         if self.qos not in (0, 1):
             raise ValueError("qos must be 0 or 1 upstream")
         try:
-            self.topic.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+            literal = self.topic.format(**dict.fromkeys(TEMPLATE_FIELDS, "x"))
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"topic template {self.topic!r}: unknown placeholder {exc} "
                              f"(known: {', '.join(TEMPLATE_FIELDS)})") from None
+        try:
+            topics.validate_name(literal)
+        except ValueError as exc:
+            raise ValueError(f"topic template {self.topic!r} can never make a valid topic "
+                             f"name: {exc}") from None
+
+
+def fixed_parts(template: str, ctx: ActionContext) -> tuple[str, str]:
+    """The template around `{topic}` with everything else filled in, checked once.
+
+    Raises ConfigError naming the step when the filled-in text (e.g. a prefix
+    holding `+`) can never make a valid topic name.
+    """
+    head, _, tail = template.replace("{topic}", "\0").format(
+        prefix=ctx.prefix, device=ctx.device, pipeline=ctx.pipeline).partition("\0")
+    try:
+        topics.validate_name(f"{head}x{tail}")
+    except ValueError as exc:
+        raise ConfigError(f"pipeline {ctx.pipeline} step {ctx.step}: topic template "
+                          f"{template!r} gives no valid topic name: {exc}") from None
+    return head, tail
+
+
+def checked(topic: str) -> str:
+    """`topic` if it is a valid topic name to publish on; PayloadError (the reason) if not."""
+    try:
+        topics.validate_name(topic)
+    except ValueError as exc:
+        raise PayloadError(f"no valid topic to publish on: {exc}") from None
+    return topic

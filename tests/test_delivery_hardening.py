@@ -1,0 +1,201 @@
+"""No message, broker or disk stops the agent or loses what it accepted.
+
+Real agent processes, real Mosquitto, real SQLite files; a second process
+holding a write transaction, read-only mounts. Each test reproduces one defect
+of the hardening issue.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
+from brokers import Broker
+from helpers import Collector, publish_many
+
+from agent.config import OutboxConfig
+from agent.pipeline import Outgoing
+from agent.store import DB_NAME, Store
+
+MAX_TOPIC = 65535
+
+
+def _until(cond: Callable[[], bool], what: str, agent: AgentProcess,
+           timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert agent.running, f"agent exited with {agent.proc.poll()}:\n{agent.log()[-4000:]}"
+        assert time.monotonic() < deadline, f"{what}:\n{agent.log()[-4000:]}"
+        time.sleep(0.1)
+
+
+def _db(data: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"{(data / DB_NAME).as_uri()}?mode=ro", uri=True)
+    db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def _count(data: Path, sql: str) -> int:
+    db = _db(data)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    finally:
+        db.close()
+
+
+def outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "outbox", *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+# -- 1. a poison row --------------------------------------------------------------
+
+
+RELAY_AND_EVENTS = RELAY + """
+[[pipeline]]
+name = "events"
+trigger = "events/#"
+steps = [{ action = "publish", topic = "{prefix}/{device}/ev/{topic}" }]
+"""
+
+
+def _telemetry_pipelines(cloud: Collector) -> dict[str, Any]:
+    msgs = cloud.snapshot(f"fog/{DEVICE}/telemetry")
+    return dict(json.loads(msgs[-1].payload)["pipelines"]) if msgs else {}
+
+
+def test_a_reading_whose_outgoing_topic_would_be_too_long_is_dropped_and_the_rest_flow(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
+    """A reading on a legal topic of 65,530 bytes would become longer than 65,535 bytes
+    once `forward` (or a `publish` template with {topic}) prefixes it: the step counts it
+    as malformed, drops it and acknowledges its input; the readings behind it arrive, in
+    order, the agent keeps running, and a restarted agent is not offered it again."""
+    pad = "x" * (65530 - len("sensors/"))  # under "fog/dev-test/": 65,543 bytes
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, RELAY_AND_EVENTS)
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, "sensors/marker")
+            publish_many(local_broker.url, "sensors/a", [b"0", b"1"])
+            publish_many(local_broker.url, "events/a", [b'{"n": 0}'])
+            publish_many(local_broker.url, f"sensors/{pad}", [b"poison"])
+            publish_many(local_broker.url, f"events/{pad}", [b'{"n": -1}'])
+            publish_many(local_broker.url, "sensors/a", [b"2", b"3"])
+            publish_many(local_broker.url, "events/a", [b'{"n": 1}'])
+            got = cloud.wait_for(4, topic=f"fog/{DEVICE}/sensors/a", timeout=15)
+            assert [m.payload for m in got] == [b"0", b"1", b"2", b"3"]
+            events = cloud.wait_for(2, topic=f"fog/{DEVICE}/ev/events/a", timeout=15)
+            assert [json.loads(m.payload)["n"] for m in events] == [0, 1]
+            _until(lambda: _telemetry_pipelines(cloud).get("relay", {}).get("malformed") == 1
+                   and _telemetry_pipelines(cloud).get("events", {}).get("malformed") == 1,
+                   "the two poison readings were not counted as malformed", agent)
+            assert "longer than 65535" in agent.log()
+            # Nothing left behind: no row waits, no input is held.
+            data = tmp_path / "data"
+            _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "rows left", agent)
+            assert _count(data, "SELECT count(*) FROM dead") == 0
+        finally:
+            assert agent.stop() == 0, agent.log()
+    # Their inputs were acknowledged: the local broker does not offer them again.
+    agent = AgentProcess(cfg, log_name="second.log")
+    try:
+        agent.wait_ready()
+        time.sleep(1.0)
+        assert "65535" not in agent.log()
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_topic_template_that_can_never_make_a_valid_topic_is_a_config_error(
+        tmp_path: Path) -> None:
+    """A wildcard in a forward/publish template, or an empty one, is refused when the
+    config loads: exit 2, naming the template and the reason."""
+    for step, text in (('{ action = "forward", topic = "{prefix}/+/{topic}" }', "wildcard"),
+                       ('{ action = "publish", topic = "a/#" }', "wildcard"),
+                       ('{ action = "forward", topic = "" }', "empty")):
+        cfg = write_config(tmp_path / "agent.toml", "mqtt://127.0.0.1:1", "mqtt://127.0.0.1:1",
+                           f'[[pipeline]]\nname = "p"\ntrigger = "s/#"\nsteps = [{step}]\n')
+        r = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 2 and text in r.stderr and "topic template" in r.stderr, r
+
+
+def _poisoned_outbox(data: Path) -> None:
+    """An outbox written before the fix: unpublishable rows first in lane 0, then good ones."""
+    data.mkdir(parents=True)
+    store = Store(data / DB_NAME, OutboxConfig())
+    bad = [
+        f"fog/{DEVICE}/" + "x" * MAX_TOPIC,  # longer than MQTT allows
+        f"fog/{DEVICE}/sensors/+/wild",  # a wildcard: the broker would disconnect us
+        f"fog/{DEVICE}/sensors/nul\0byte",
+    ]
+    rows = [Outgoing(t, b"poison", f"{DEVICE}:old:{i}", "relay") for i, t in enumerate(bad)]
+    rows += [Outgoing(f"fog/{DEVICE}/sensors/old", str(n).encode(), f"{DEVICE}:old:{100 + n}",
+                      "relay") for n in range(50)]
+    store.commit(rows, [], [], 0, True)
+    store.close()
+
+
+def test_unpublishable_rows_already_in_the_outbox_are_dead_lettered_and_the_lane_drains(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
+    """Rows an older agent stored on topics no broker takes (too long, a wildcard, NUL)
+    sit first in their lane: the sender dead-letters each with its reason and delivers
+    the 50 rows behind them, in order; the agent keeps running."""
+    data = tmp_path / "data"
+    _poisoned_outbox(data)
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, RELAY)
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            got = cloud.wait_for(50, topic=f"fog/{DEVICE}/sensors/old", timeout=20)
+            assert [m.payload for m in got] == [str(n).encode() for n in range(50)]
+            _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "lane not drained",
+                   agent)
+            assert agent.running
+        finally:
+            assert agent.stop() == 0, agent.log()
+    db = _db(data)
+    dead = db.execute("SELECT topic, reason FROM dead ORDER BY id").fetchall()
+    db.close()
+    assert len(dead) == 3, dead
+    reasons = [r for _, r in dead]
+    assert "longer than 65535" in reasons[0]
+    assert "wildcard" in reasons[1]
+    assert "NUL" in reasons[2]
+    # The CLI shows each dead letter with its reason.
+    peek = outbox_cli("peek", "--data-dir", str(data), "--dead")
+    assert peek.returncode == 0, peek.stderr
+    for reason in reasons:
+        assert reason[:40] in peek.stdout, peek.stdout
+    assert len(peek.stdout) < 5000  # a 65 kB topic is shortened, not printed whole
+    stats = outbox_cli("stats", "--data-dir", str(data))
+    assert "dead letters: 3" in stats.stdout, stats.stdout
+
+
+def test_qos0_uplink_rows_leave_the_outbox_once_sent_and_never_fill_the_window(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
+    """A `forward` with qos = 0 upstream: a QoS 0 PUBLISH has no PUBACK, so it counts as
+    delivered once queued; 200 readings (ten times the in-flight window of 20) all
+    arrive and none stays in the outbox."""
+    pipelines = RELAY.replace('{ action = "forward" }', '{ action = "forward", qos = 0 }')
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, pipelines)
+    data = tmp_path / "data"
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, "sensors/marker")
+            publish_many(local_broker.url, "sensors/q0", [str(n).encode() for n in range(200)])
+            got = cloud.wait_for(200, topic=f"fog/{DEVICE}/sensors/q0", timeout=15)
+            assert sorted(int(m.payload) for m in got) == list(range(200))
+            _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "rows left", agent)
+        finally:
+            assert agent.stop() == 0, agent.log()

@@ -36,6 +36,10 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/+#"):
             raise ValueError(f"device id {self.id!r} must be non-empty without / + #")
+        try:
+            topics.validate_name(self.id)
+        except ValueError as exc:
+            raise ValueError(f"id: {exc}") from None
         if not self.prefix:
             raise ValueError("prefix: must not be empty")
         try:  # the agent's own topics start with it
@@ -186,8 +190,14 @@ class ServiceConfig:
     address_families: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        from agent.service import memory_bytes  # the unit writer's own rule (imports config)
+
         if self.grace_s < 0 or self.watchdog_s < 0:
             raise ValueError("grace_s and watchdog_s must not be negative")
+        try:
+            memory_bytes(self.memory_max)
+        except ConfigError as exc:
+            raise ValueError(f"memory_max: {str(exc).partition(': ')[2]}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +316,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
         raise ConfigError(f"{where}: pipeline name {dupes[0]!r} is used twice")
     cfg = replace(shell, pipelines=pipelines, source=where)
     _check_client_ids(cfg)
+    _check_no_loop(cfg)
     return _beside(cfg, base_dir) if base_dir is not None else cfg
 
 
@@ -325,6 +336,38 @@ def _check_client_ids(cfg: Config) -> None:
         raise ConfigError(f"{cfg.source}: {key}: {local!r} is also the other connection's "
                           "client id; a broker drops one connection for the other: "
                           "give each its own")
+
+
+def _check_no_loop(cfg: Config) -> None:
+    """On one broker, a trigger that matches the agent's own topics feeds on its own output.
+
+    Every status, telemetry and relayed message would come back in, be sent again
+    under a longer topic, and so on without end. (Templates pointing elsewhere are
+    not followed; the agent's own `{prefix}/{device}/#` is.)
+    """
+    if (cfg.local.host, cfg.local.port) != (cfg.uplink.host, cfg.uplink.port) \
+            and not (_loopback(cfg.local.host) and _loopback(cfg.uplink.host)
+                     and cfg.local.port == cfg.uplink.port):
+        return
+    own = f"{cfg.device.prefix}/{cfg.device.id}/#"
+    for i, p in enumerate(cfg.pipelines):
+        if p.trigger.topic is not None and _overlap(p.trigger.topic, own):
+            raise ConfigError(
+                f"{cfg.source}: pipeline[{i}] ({p.name}).trigger: {p.trigger.topic!r} matches "
+                f"the agent's own topics {own!r} on the broker it also sends to: every "
+                "message would come back in; narrow the trigger or use another broker")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """True when some topic matches both filters."""
+    la, lb = a.split("/"), b.split("/")
+    for x, y in zip(la, lb, strict=False):
+        if "#" in (x, y):
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    longer = la if len(la) > len(lb) else lb
+    return len(la) == len(lb) or longer[min(len(la), len(lb))] == "#"
 
 
 def _beside(cfg: Config, base_dir: Path) -> Config:
@@ -398,6 +441,10 @@ def _pipeline(raw: object, where: str) -> PipelineConfig:
     shell = build(_PipelineShell, raw, where)
     if not shell.name or "/" in shell.name or "+" in shell.name or "#" in shell.name:
         raise ConfigError(f"{where}: name must be non-empty without / + #")
+    try:  # it names the topic of its events
+        topics.validate_name(topics.events("fog", "d", shell.name))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.name: {exc}") from None
     _check_flow(shell.trigger, steps, where)
     return PipelineConfig(shell.name, shell.trigger, tuple(steps), shell.queue, shell.workers)
 

@@ -136,6 +136,13 @@ REFUSED = {
                    'steps = [{ action = "forward" }]\n', "queue"),
     "user_action_parameter_unknown": (pipeline('{ action = "useractions:double", colour = 1 }, '
                                                '{ action = "publish" }'), "colour"),
+    "memory_max_systemd_refuses": ('[service]\nmemory_max = "lots"\n' + RELAY,
+                                   "service.memory_max"),
+    "pipeline_name_with_nul": ('[[pipeline]]\nname = "p\\u0000"\ntrigger = "a/#"\n'
+                               'steps = [{ action = "forward" }]\n', "name"),
+    "relaying_its_own_output_on_one_broker": (
+        '[local]\nurl = "mqtt://127.0.0.1:1883"\n[uplink]\nurl = "mqtt://localhost:1883"\n'
+        + pipeline('{ action = "forward" }', '"+/d/#"'), "trigger"),
 }
 
 
@@ -210,6 +217,11 @@ ACCEPTED = {
                                       '[uplink]\nurl = "mqtt://localhost"\nusername = "u"\n'
                                       'password = "pw"\n' + RELAY),
     "no_pipelines": "",
+    "everything_on_one_broker": ('[local]\nurl = "mqtt://127.0.0.1:1883"\n'
+                                 '[uplink]\nurl = "mqtt://127.0.0.1:1883"\n'
+                                 + pipeline('{ action = "forward" }', '"sensors/#"')),
+    "relaying_everything_to_another_broker": ('[uplink]\nurl = "mqtt://127.0.0.1:1884"\n'
+                                              + pipeline('{ action = "forward" }', '"#"')),
 }
 
 
@@ -254,6 +266,15 @@ def test_a_model_whose_file_was_never_fetched_is_refused(
     path = write(tmp_path, pipeline('{ action = "decode" }, { action = "detect", '
                                     'model = "face" }, { action = "publish" }'))
     with pytest.raises(ConfigError, match=r"steps\[1\] \(detect\)\.model.*fetch-models"):
+        check(path)
+
+
+def test_a_user_action_whose_module_fails_to_import_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_action.py").write_text("raise RuntimeError('no sensor library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, pipeline('{ action = "broken_action:f" }, { action = "publish" }'))
+    with pytest.raises(ConfigError, match=r"steps\[0\].*broken_action.*no sensor library"):
         check(path)
 
 

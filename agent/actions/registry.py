@@ -118,6 +118,9 @@ def _import(module_path: str, name: str, where: str) -> ModuleType:
         raise ConfigError(
             f"{where}: action {name!r} needs the package {exc.name!r}: pip install {exc.name}"
         ) from exc
+    except Exception as exc:  # user code failing at import: the config cannot run
+        raise ConfigError(f"{where}: importing {module_path} for action {name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 class _UserAction:

@@ -123,6 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from agent import app
 
+        # data_dir files 0640, directories 0750 even outside systemd's UMask=0027.
+        os.umask(os.umask(0o027) | 0o027)
         cfg = config.load(args.config)
         config.preflight(cfg)
         asyncio.run(app.run(cfg))

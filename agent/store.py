@@ -97,7 +97,7 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         """Open and check the database; move an unusable one aside and start afresh."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         db: sqlite3.Connection | None = None
         try:
             db = self._connect()

@@ -59,6 +59,9 @@ def test_install_writes_config_profiles_data_dir_and_a_unit_systemd_accepts(
     assert f"MemoryMax={cfg.service.memory_max}" in unit
     assert f"ReadWritePaths={data}" in unit
     assert f"User={user}" in unit
+    # The profile's devices reach the unit, and the installer says which.
+    assert "DeviceAllow=char-video4linux rw" in unit and "DevicePolicy=closed" in unit
+    assert "devices the service may open: char-video4linux" in proc.stderr
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: apt-get install systemd"
     verify = subprocess.run([analyze, "verify", str(tmp_path / "units" / "fogwhisk.service")],

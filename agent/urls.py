@@ -18,11 +18,11 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:  # a malformed URL may still hold a password: mask by pattern
         return redact_text(url)
-    if parts.password is None:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+    if parts.password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        url = parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{host}").geturl()
+    # A raw ? or # in a password ends urllib's netloc early; the pattern still sees it.
+    return redact_text(url)
 
 
 def redact_text(text: str) -> str:

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from agent import config
 from agent.errors import ConfigError
-from agent.schema import Duration, Size, build, parse_duration, parse_size, to_dict
+from agent.schema import (
+    Duration,
+    Size,
+    build,
+    parse_duration,
+    parse_seconds,
+    parse_size,
+    to_dict,
+)
 
 BASE = {"device": {"id": "d"}}
 
@@ -161,3 +169,26 @@ def test_an_unknown_placeholder_in_a_topic_template_is_a_config_error(action: st
                          "steps": [{"action": action, "topic": "{bogus}/x"}]}]}
     with pytest.raises(ConfigError, match=r"steps\[0\].*unknown placeholder 'bogus'"):
         config.from_dict(raw, "agent.toml")
+
+
+def test_errors_name_the_file_then_the_table_and_key() -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.from_dict({**BASE, "outbox": {"max_bytes": "lots"}}, "agent.toml")
+    assert str(exc.value).startswith("agent.toml: outbox.max_bytes: ")
+
+
+def test_a_refusal_worded_key_colon_why_names_that_key() -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.from_dict({**BASE, "telemetry": {"interval_s": 0}}, "agent.toml")
+    assert str(exc.value) == "agent.toml: telemetry.interval_s: must be positive"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30s", 30), ("2m", 120), (45, 45), ("1h", 3600)])
+def test_whole_seconds_take_duration_units(text: object, expected: int) -> None:
+    assert parse_seconds(text, "x") == expected
+
+
+@pytest.mark.parametrize("bad", ["1.5s", "250ms", 0.5, "soon", float("inf")])
+def test_whole_seconds_refuse_fractions_naming_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"uplink\.keepalive_s"):
+        parse_seconds(bad, "uplink.keepalive_s")

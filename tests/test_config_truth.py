@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from brokers import ROOT, Broker, Certs
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from agent import config
 from agent.actions import registry
@@ -389,6 +391,18 @@ def test_a_config_error_raised_inside_the_task_group_still_exits_2(tmp_path: Pat
 ])
 def test_redact_url_masks_only_the_password(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+SECRET_CHARS = st.characters(min_codepoint=33, max_codepoint=126,
+                             blacklist_characters="/'\"")
+
+
+@given(st.text(SECRET_CHARS, min_size=3, max_size=20))
+def test_no_password_survives_redaction(password: str) -> None:
+    url = f"mqtt://u:{password}@h:1"
+    assume(password not in "mqtt://u:***@h:1")
+    assert redact_text(f"cannot reach {url}: refused") == "cannot reach mqtt://u:***@h:1: refused"
+    assert password not in redact_url(url)
 
 
 def test_redact_text_masks_every_url_in_a_message() -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -422,3 +423,122 @@ def test_data_dir_files_are_0640_and_directories_0750_even_under_umask_022(
         assert modes[f"var/fogwhisk/{name}"] == (False, "0o640"), modes
     for path, (is_dir, mode) in modes.items():  # nothing else is wider either
         assert int(mode, 8) & ~(0o750 if is_dir else 0o640) == 0, (path, modes)
+
+
+# --- scripts/setup: apt waits for another apt/dpkg -------------------------------------
+
+APT_INSTALL = ROOT / "scripts" / "lib" / "apt-install"
+DPKG_LOCK = Path("/var/lib/dpkg/lock-frontend")
+HOLD = textwrap.dedent("""
+    import fcntl, sys
+    f = open(sys.argv[1], "a")
+    fcntl.lockf(f, fcntl.LOCK_EX)  # a POSIX lock, as apt and dpkg take (flock(1) is not one)
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+""")
+
+
+@pytest.fixture
+def apt_env(tmp_path: Path) -> dict[str, str]:
+    """apt with no sources and its own lists and cache: `update` is quick, offline, and
+    leaves the machine's lists alone; install still takes the real dpkg locks."""
+    apt = tmp_path / "apt"
+    for d in ("lists/partial", "cache/archives/partial", "sources.list.d"):
+        (apt / d).mkdir(parents=True)
+    (apt / "sources.list").write_text("")
+    conf = apt / "apt.conf"
+    conf.write_text(f'Dir::Etc::sourcelist "{apt}/sources.list";\n'
+                    f'Dir::Etc::sourceparts "{apt}/sources.list.d";\n'
+                    f'Dir::State::lists "{apt}/lists";\n'
+                    f'Dir::Cache "{apt}/cache";\n')
+    assert os.geteuid() == 0, "apt-get install needs root: the suite runs as root"
+    return {**os.environ, "APT_CONFIG": str(conf), "FOGWHISK_APT_LOCK_TIMEOUT_S": "60"}
+
+
+@pytest.fixture
+def hold() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
+    """hold(path): another process holds apt's lock on `path` until .stdin.close()."""
+    holders: list[subprocess.Popen[str]] = []
+
+    def start(path: Path) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        holders.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "held"
+        return p
+
+    yield start
+    for p in holders:
+        if p.stdin is not None and not p.stdin.closed:
+            p.stdin.close()
+        p.wait(10)
+
+
+def install_while_held(holder: subprocess.Popen[str], env: dict[str, str]) -> str:
+    """Run apt-install, release the lock once it says it waits; return its stderr."""
+    proc = subprocess.Popen([str(APT_INSTALL), "coreutils"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    waiting = proc.poll() is None  # still running with the lock held: it waits
+    assert holder.stdin is not None
+    holder.stdin.close()
+    err = proc.communicate(timeout=120)[1]
+    assert waiting and proc.returncode == 0, first + err
+    return first + err
+
+
+def test_setup_waits_for_the_dpkg_lock_and_says_so(
+        apt_env: dict[str, str], hold: Callable[[Path], subprocess.Popen[str]]) -> None:
+    """Another apt holding /var/lib/dpkg/lock-frontend: setup waits, then installs."""
+    holder = hold(DPKG_LOCK)
+    err = install_while_held(holder, apt_env)
+    assert err.startswith(
+        "setup: waiting for another apt/dpkg to finish (up to 60 s): "
+        f"{DPKG_LOCK} is held by process {holder.pid} (python"), err
+    assert "E: " not in err, err
+
+
+def test_setup_waits_for_the_lists_lock_apt_get_update_would_not_wait_for(
+        tmp_path: Path, apt_env: dict[str, str],
+        hold: Callable[[Path], subprocess.Popen[str]]) -> None:
+    """`apt-get update` ignores DPkg::Lock::Timeout for its lists lock (apt 2.6): setup waits."""
+    lists_lock = tmp_path / "apt" / "lists" / "lock"
+    holder = hold(lists_lock)
+    raw = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=60", "update", "-qq"],
+                         env=apt_env, capture_output=True, text=True, check=False)
+    assert raw.returncode != 0 and "Could not get lock" in raw.stderr  # what setup had
+    err = install_while_held(holder, apt_env)
+    assert f"waiting for another apt/dpkg to finish (up to 60 s): {lists_lock} is held" in err
+    assert "E: " not in err, err
+
+
+def test_setup_gives_up_after_its_timeout_with_what_to_do(
+        apt_env: dict[str, str], hold: Callable[[Path], subprocess.Popen[str]]) -> None:
+    holder = hold(DPKG_LOCK)
+    proc = subprocess.run([str(APT_INSTALL), "coreutils"],
+                          env={**apt_env, "FOGWHISK_APT_LOCK_TIMEOUT_S": "1"},
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"setup: gave up after 1 s: {DPKG_LOCK} is held by process {holder.pid} "
+            "(python") in proc.stderr
+    assert "run scripts/setup again" in proc.stderr and "E: " not in proc.stderr
+
+
+def test_setup_updates_the_package_lists_before_installing(
+        tmp_path: Path, apt_env: dict[str, str]) -> None:
+    """A fresh machine needs `apt-get update` first; apt-get itself is real, only watched."""
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    calls = tmp_path / "calls"
+    real = shutil.which("apt-get")
+    (spy / "apt-get").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {real} "$@"\n')
+    (spy / "apt-get").chmod(0o755)
+    env = {**apt_env, "PATH": f"{spy}:{apt_env['PATH']}"}
+    proc = subprocess.run([str(APT_INSTALL), "coreutils", "mawk"], env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    update, install = (line.split() for line in calls.read_text().splitlines())
+    assert update[0] == install[0] == "-o" and update[1].startswith("DPkg::Lock::Timeout=")
+    assert update[2:] == ["update", "-qq"]
+    assert install[2:] == ["install", "-y", "-qq", "--no-install-recommends", "coreutils", "mawk"]

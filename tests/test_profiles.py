@@ -41,6 +41,8 @@ def test_profile_loads_and_sets_every_board_section(name: str) -> None:
     assert cfg.camera.fps_cap == raw["camera"]["fps_cap"]
     assert cfg.outbox.max_messages == raw["outbox"]["max_messages"]
     assert cfg.service.memory_max == raw["service"]["memory_max"]
+    # The devices the unit lets the service open (DeviceAllow=) are board data too.
+    assert cfg.service.devices == tuple(raw["service"]["devices"])
 
 
 @pytest.mark.parametrize("name", PROFILES)

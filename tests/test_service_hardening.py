@@ -229,9 +229,9 @@ def test_procsubset_pid_would_turn_xnnpack_off_so_the_unit_keeps_proc_whole() ->
 
 # The sandbox: systemd's SystemCallFilter= (an allow list, then ~deny), with
 # SystemCallErrorNumber=EPERM, and RestrictAddressFamilies= on socket(2), loaded
-# through libseccomp; then exec the agent. Run as root without capabilities
-# (setpriv), so sqlite still tries its root-only fchown: it gets EPERM, as it
-# would under the unit's own filter.
+# through libseccomp; then exec the agent. It runs as root without capabilities
+# (setpriv), so SQLite still tries its root-only fchown() and gets EPERM from
+# ~@privileged (as user fogwhisk under the unit it does not even try).
 SANDBOX = textwrap.dedent("""
     import ctypes, errno, json, os, socket, sys
     spec = json.loads(open(sys.argv[1]).read())

@@ -26,7 +26,17 @@ from agent import topics
 from agent.config import OutboxConfig
 from agent.errors import OutboxError
 from agent.pipeline import Outgoing
-from agent.store import BALLAST_BYTES, DB_NAME, ROW_OVERHEAD, Evicted, Row, Store, disk_full
+from agent.store import (
+    BALLAST_BYTES,
+    DB_NAME,
+    ROW_OVERHEAD,
+    Evicted,
+    Row,
+    Store,
+    busy,
+    disk_full,
+    holders,
+)
 from agent.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,7 @@ DISK_CHECK_S = 1.0
 RETRY_S = 0.5
 SPLIT_ROWS = 64  # rows per transaction while recovering from a failed commit
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
+OPEN_BUSY_S = 60.0  # how long a start waits for another process's lock on the file
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
 
 Done = Callable[[], None]
@@ -81,13 +92,33 @@ class Outbox:
         self._valid_topics: set[str] = set()
 
     async def open(self) -> None:
+        """Open the store; wait (bounded) while another process holds its lock.
+
+        Raises ConfigError when the file cannot be written (it is kept: exit 2),
+        OutboxError for anything else that keeps it from opening.
+        """
         loop = asyncio.get_running_loop()
-        try:
-            self.store = await loop.run_in_executor(self._executor, Store, self.path, self.cfg)
-            self.count, self.bytes, lanes = await loop.run_in_executor(
-                self._executor, self.store.totals)
-        except (sqlite3.Error, OSError) as exc:
-            raise OutboxError(f"cannot open the outbox at {self.path}: {exc}") from exc
+        waited = 0.0
+        while True:
+            try:
+                self.store = await loop.run_in_executor(self._executor, Store, self.path,
+                                                        self.cfg)
+                self.count, self.bytes, lanes = await loop.run_in_executor(
+                    self._executor, self.store.totals)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                if self.store is not None:
+                    self.store.close()
+                    self.store = None
+                if not busy(exc) or waited >= OPEN_BUSY_S:
+                    raise OutboxError(f"cannot open the outbox at {self.path}: {exc}"
+                                      f"{_by_whom(self.path)}") from exc
+                if waited == 0 or waited % 10 < RETRY_S:
+                    log.warning("outbox %s is locked by another process%s; waiting (up to "
+                                "%.0f s) without touching it", self.path, _by_whom(self.path),
+                                OPEN_BUSY_S)
+                await asyncio.sleep(RETRY_S)
+                waited += RETRY_S
         self.lanes_on_disk = set(lanes)
         self._reserved = await self._call(self.store.reserve)
         self._peak = self.count
@@ -441,3 +472,9 @@ class Outbox:
     def pending_inputs(self) -> int:
         """Inputs whose outputs are not committed yet (not acknowledged to the local broker)."""
         return len(self._dones)
+
+
+def _by_whom(path: Path) -> str:
+    """" (held by pid 123: sqlite3 outbox.db)", or "" when no holder is found."""
+    found = holders(path)
+    return f" (held by {', '.join(f'pid {pid}: {cmd}' for pid, cmd in found)})" if found else ""

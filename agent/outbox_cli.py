@@ -9,7 +9,6 @@ them.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import sys
 import time
@@ -22,7 +21,7 @@ import sqlite_utils
 
 from agent.config import OutboxConfig
 from agent.pipeline import Outgoing
-from agent.store import DB_NAME, Store
+from agent.store import DB_NAME, Store, holders
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 OPS = ("stats", "peek", "purge", "retry-dead")
@@ -159,31 +158,12 @@ def peek(path: Path, limit: int, dead: bool) -> int:
     return EXIT_OK
 
 
-def holders(path: Path) -> list[int]:
-    """Pids of other processes that have the database open (Linux /proc)."""
-    target = str(path.resolve())
-    found = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in (target, f"{target}-wal"):
-                    found.append(int(entry.name))
-                    break
-        except OSError:
-            continue  # gone, or not ours to look at
-    return found
-
-
 def _refuse_if_open(path: Path, op: str) -> bool:
-    pids = holders(path)
-    if pids:
+    found = holders(path)
+    if found:
         print(f"fogwhisk outbox {op}: {path} is open in process "
-              f"{', '.join(map(str, pids))} (a running agent?): stop it first", file=sys.stderr)
+              f"{', '.join(f'{pid} ({cmd})' for pid, cmd in found)} (a running agent?): "
+              "stop it first", file=sys.stderr)
         return True
     return False
 

@@ -6,8 +6,13 @@ Every method blocks and runs on the outbox's one writer thread (`agent.outbox`).
 - Compact rows: a WITHOUT ROWID table clustered on (lane, id), topics and key
   prefixes interned in a small dictionary table, integer timestamps: about
   150 bytes on disk per 100-byte message.
-- A database that fails to open or its quick check is moved aside with a loud
-  error and a fresh one is started: the agent never crash-loops on its files.
+- Only real corruption (not a database, a malformed image, a failed quick
+  check) moves a file aside, with a loud error, for a fresh one: the agent
+  never crash-loops on its files. A file that is merely busy (another process
+  holds a write transaction) is waited for; one that cannot be written (a
+  read-only mount, `chattr +i`) or was written by a newer agent is kept as
+  it is and the agent refuses to start (`ConfigError`: exit 2, no restart
+  loop), saying which file and what to do.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from agent.config import OutboxConfig
+from agent.errors import ConfigError
 from agent.pipeline import Outgoing
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,13 @@ ROW_OVERHEAD = 40  # bytes a row costs on disk beyond payload and topic, roughly
 # (so no delete can commit) once the disk has no room left for the pages it moves.
 BALLAST_NAME = "outbox.ballast"
 BALLAST_BYTES = 8 << 20
+BUSY_TIMEOUT_MS = 1000  # SQLite's own wait for another process's lock, per statement
+
+_CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_UNWRITABLE = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM,
+               sqlite3.SQLITE_AUTH)
+_UNWRITABLE_ERRNO = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -96,25 +109,39 @@ class Store:
         self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        """Open and check the database; move an unusable one aside and start afresh."""
-        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        """Open and check the database; only a corrupt one is moved aside for a fresh one.
+
+        Raises ConfigError for a file that cannot be written or comes from a newer
+        agent (kept as it is), and the sqlite3 error itself for anything else, e.g.
+        "database is locked" (`busy(exc)`: the caller waits and tries again).
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         db: sqlite3.Connection | None = None
         try:
             db = self._connect()
             result = db.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {result}")
-            version = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
-            if version != str(SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version}, this agent reads "
-                                            f"{SCHEMA_VERSION}")
+                raise _Corrupt(f"quick_check: {result}")
+            found = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+            if found is None or found[0] != str(SCHEMA_VERSION):
+                raise ConfigError(
+                    f"the outbox {self.path} has schema {found[0] if found else '?'}; this "
+                    f"agent reads {SCHEMA_VERSION}. It is kept as it is: run the agent that "
+                    "wrote it, or move the file aside to start with an empty outbox.")
             self._load_state(db)
             return db
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, _Corrupt, ConfigError) as exc:
             if db is not None:
                 db.close()
+            if not isinstance(exc, _Corrupt) and not corrupt(exc):
+                if unwritable(exc):
+                    raise self._unwritable(exc) from None
+                raise  # busy, or a failure that is not the file's fault: keep the file
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
-            log.error("OUTBOX DATABASE %s IS UNUSABLE (%s): moved aside to %s; starting a "
+            log.error("OUTBOX DATABASE %s IS CORRUPT (%s): moved aside to %s; starting a "
                       "fresh one. Inspect the old file with sqlite3 to recover rows.",
                       self.path, exc, aside)
             for suffix in ("", "-wal", "-shm"):
@@ -125,8 +152,16 @@ class Store:
             self._load_state(db)
             return db
 
+    def _unwritable(self, exc: BaseException) -> ConfigError:
+        return ConfigError(
+            f"the outbox {self.path} cannot be written ({exc}): read-only file system, "
+            "immutable file or no permission. It is kept as it is, with every message "
+            f"waiting in it. Make {self.path.parent} writable (remount it read-write; "
+            f"`chattr -i {self.path}`; check its owner) and start the agent again.")
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only effective on a new file
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA journal_size_limit = 67108864")
@@ -320,6 +355,47 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+class _Corrupt(Exception):
+    """The file opened but its quick check failed."""
+
+
+def corrupt(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB: the only errors that justify moving a file aside."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPT
+
+
+def busy(exc: BaseException) -> bool:
+    """Another connection holds a lock ("database is locked"): wait and try again."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Read-only (file system, immutable file), cannot open, no permission."""
+    return ((getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNWRITABLE
+            or getattr(exc, "errno", 0) in _UNWRITABLE_ERRNO)
+
+
+def holders(path: Path) -> list[tuple[int, str]]:
+    """Other processes that have the database open, with their command lines (Linux /proc)."""
+    target = str(path.resolve())
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in (target, f"{target}-wal"):
+                    cmd = b" ".join((entry / "cmdline").read_bytes().split())
+                    found.append((int(entry.name), cmd.decode(errors="replace")[:120]))
+                    break
+        except OSError:
+            continue  # gone, or not ours to look at
+    return found
 
 
 def disk_full(exc: BaseException) -> bool:

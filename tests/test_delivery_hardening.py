@@ -16,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
 from brokers import Broker
 from helpers import Collector, publish_many
 
 from agent.config import OutboxConfig
+from agent.errors import ConfigError
 from agent.pipeline import Outgoing
 from agent.store import DB_NAME, Store
 
@@ -199,3 +201,141 @@ def test_qos0_uplink_rows_leave_the_outbox_once_sent_and_never_fill_the_window(
             _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "rows left", agent)
         finally:
             assert agent.stop() == 0, agent.log()
+
+
+# -- 2. a healthy outbox is kept -------------------------------------------------------
+
+WAITING = 50
+
+
+def _outbox_with_rows(data: Path, n: int = WAITING) -> None:
+    """An outbox a stopped agent left behind: `n` readings waiting for the uplink."""
+    data.mkdir(parents=True, exist_ok=True)
+    store = Store(data / DB_NAME, OutboxConfig())
+    store.commit([Outgoing(f"fog/{DEVICE}/sensors/kept", str(i).encode(), f"{DEVICE}:old:{i}",
+                           "relay") for i in range(n)], [], [], 0, True)
+    store.close()
+
+
+class Holder:
+    """A second process holding a write transaction (BEGIN IMMEDIATE) on a database."""
+
+    def __init__(self, path: Path) -> None:
+        code = ("import sqlite3, sys\n"
+                "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                "db.execute('BEGIN IMMEDIATE')\n"
+                "print('held', flush=True)\n"
+                "sys.stdin.readline()\n"
+                "db.execute('COMMIT')\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "held\n"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            assert self.proc.wait(10) == 0
+
+
+def test_an_outbox_locked_by_another_process_is_waited_for_never_moved_aside(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
+    """"database is locked" is not corruption: an agent starting while another process
+    holds a write transaction on its outbox waits, keeps the file and, once the lock is
+    gone, delivers the 50 readings waiting in it. A lock taken while it runs only
+    delays commits: the readings that arrive meanwhile are delivered too."""
+    data = tmp_path / "data"
+    _outbox_with_rows(data)
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, RELAY)
+    holder = Holder(data / DB_NAME)
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_log("locked by another process")
+            time.sleep(1.0)
+            assert agent.running
+            assert not list(data.glob(f"{DB_NAME}.corrupt-*"))
+            holder.release()
+            got = cloud.wait_for(WAITING, topic=f"fog/{DEVICE}/sensors/kept", timeout=20)
+            assert [m.payload for m in got] == [str(i).encode() for i in range(WAITING)]
+            prime(local_broker, cloud, agent, "sensors/marker")
+            holder = Holder(data / DB_NAME)  # while it runs
+            publish_many(local_broker.url, "sensors/new", [str(i).encode() for i in range(20)])
+            time.sleep(1.5)
+            holder.release()
+            got = cloud.wait_for(20, topic=f"fog/{DEVICE}/sensors/new", timeout=20)
+            assert [m.payload for m in got] == [str(i).encode() for i in range(20)]
+            _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "rows left", agent)
+            assert not list(data.glob(f"{DB_NAME}.corrupt-*"))
+        finally:
+            holder.release()
+            assert agent.stop() == 0, agent.log()
+
+
+def _read_only(kind: str, data: Path) -> Callable[[], None]:
+    """Make `data` (a read-only mount) or its outbox file (immutable) unwritable, even for
+    root; returns the undo."""
+    if kind == "read-only mount":
+        src = data.with_name("data-src")
+        data.rename(src)
+        data.mkdir()
+        subprocess.run(["mount", "--bind", str(src), str(data)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(data)], check=True)
+
+        def undo() -> None:
+            subprocess.run(["umount", "-l", str(data)], check=True)
+            data.rmdir()
+            src.rename(data)
+        return undo
+    subprocess.run(["chattr", "+i", str(data / DB_NAME)], check=True)
+    return lambda: subprocess.run(["chattr", "-i", str(data / DB_NAME)], check=True) and None
+
+
+@pytest.mark.parametrize("kind", ["read-only mount", "immutable file"])
+def test_a_read_only_outbox_stops_the_agent_with_exit_2_and_keeps_every_row(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker, kind: str) -> None:
+    """An outbox that cannot be written (a read-only mount, or `chattr +i`, which stops
+    root too) is neither moved aside nor replaced: the agent says which file and what to
+    do, and exits 2 (systemd's RestartPreventExitStatus: no restart loop). Once it is
+    writable again, the next start delivers every reading that was waiting in it."""
+    data = tmp_path / "data"
+    _outbox_with_rows(data)
+    before = (data / DB_NAME).read_bytes()
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink_broker, RELAY)
+    undo = _read_only(kind, data)
+    try:
+        agent = AgentProcess(cfg)
+        assert agent.wait_exit() == 2, agent.log()
+        log = agent.log()
+        assert str(data / DB_NAME) in log and "read-only" in log, log
+        assert "Traceback" not in log, log
+        assert (data / DB_NAME).read_bytes() == before
+        assert not list(data.glob(f"{DB_NAME}.corrupt-*"))
+    finally:
+        undo()
+    with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg, log_name="second.log")
+        try:
+            got = cloud.wait_for(WAITING, topic=f"fog/{DEVICE}/sensors/kept", timeout=20)
+            assert [m.payload for m in got] == [str(i).encode() for i in range(WAITING)]
+        finally:
+            assert agent.stop() == 0, agent.log()
+
+
+def test_an_outbox_from_a_newer_agent_is_kept_and_refused_not_moved_aside(
+        tmp_path: Path) -> None:
+    """A schema this agent does not read (an OTA rollback after a newer agent ran) is no
+    corruption: the file is kept where it is with its rows, and opening it is a
+    ConfigError (exit 2) that names the file and the way out."""
+    _outbox_with_rows(tmp_path)
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("UPDATE meta SET v = '2' WHERE k = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="has schema 2; this agent reads 1") as err:
+        Store(tmp_path / DB_NAME, OutboxConfig())
+    assert str(tmp_path / DB_NAME) in str(err.value)
+    assert _count(tmp_path, "SELECT count(*) FROM rows") == WAITING
+    assert _count(tmp_path, "SELECT v FROM meta WHERE k = 'schema'") == 2
+    assert not list(tmp_path.glob(f"{DB_NAME}.corrupt-*"))

@@ -240,9 +240,9 @@ def test_an_unusable_database_is_moved_aside_loudly_and_a_fresh_one_starts(
         await h.outbox.flush()
         assert h.on_disk() == 1
 
-    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+    with caplog.at_level(logging.ERROR, logger="agent.store"):
         run_outbox(tmp_path, OutboxConfig(), body)
-    assert any("IS UNUSABLE" in r.getMessage() for r in caplog.records)
+    assert any("IS CORRUPT" in r.getMessage() for r in caplog.records)
     aside = sorted(tmp_path.glob(f"{DB_NAME}.corrupt-*"))
     assert aside and aside[0].read_bytes() == original  # kept for forensics, byte for byte
     db = sqlite3.connect(path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from agent.config import CameraConfig, PipelineConfig, RuntimeConfig
+from agent.config import CameraConfig, PipelineConfig, RuntimeConfig, ServiceConfig
 from agent.errors import PayloadError
 from agent.telemetry import Telemetry
 
@@ -76,6 +76,7 @@ class ActionContext:
     boot_id: str
     telemetry: Telemetry
     next_seq: Callable[[], int]  # per-pipeline event sequence
+    service: ServiceConfig = field(default_factory=ServiceConfig)  # memory_max sizes decode
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from vision_util import sample_image  # type: ignore[import-not-found]
 
 from agent.errors import PayloadError
-from agent.frames import Frame, decode_payload, encode_msgpack
+from agent.frames import Frame, Limits, decode_payload, encode_msgpack
 
 
 def jpeg(img: np.ndarray) -> bytes:
@@ -71,13 +71,18 @@ def test_msgpack_frame_with_wrong_shape_is_a_payload_error() -> None:
         decode_payload(bad, 0.0)
 
 
-def test_file_references_read_local_images(tmp_path: Path) -> None:
+def test_file_references_read_local_images_below_the_path_root(tmp_path: Path) -> None:
     path = tmp_path / "f.jpg"
     path.write_bytes(jpeg(sample_image("coffee.png")))
-    assert decode_payload(f"file://{path}".encode(), 0.0).width == 600
+    limits = Limits(path_root=str(tmp_path))
+    assert decode_payload(f"file://{path}".encode(), 0.0, limits=limits).width == 600
     ref = json.dumps({"path": str(path), "ts": 5.0}).encode()
-    assert decode_payload(ref, 0.0).ts == 5.0
+    assert decode_payload(ref, 0.0, limits=limits).ts == 5.0
+    assert decode_payload(b'{"path": "f.jpg"}', 0.0, limits=limits).width == 600  # relative
     with pytest.raises(PayloadError, match="outside"):
-        decode_payload(ref, 0.0, root=str(tmp_path / "elsewhere"))
+        decode_payload(ref, 0.0, limits=Limits(path_root=str(tmp_path / "elsewhere")))
+    with pytest.raises(PayloadError, match="path references are off"):
+        decode_payload(ref, 0.0)
     with pytest.raises(PayloadError):
-        decode_payload(json.dumps({"path": str(tmp_path / "missing.jpg")}).encode(), 0.0)
+        decode_payload(json.dumps({"path": str(tmp_path / "missing.jpg")}).encode(), 0.0,
+                       limits=limits)

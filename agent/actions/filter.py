@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class Filter:
             v = v[part]
         if self.p.op == "exists":
             return (msg.evolve(data=values),)
+        if isinstance(v, float) and not math.isfinite(v):  # NaN fails every test silently
+            raise PayloadError(f"field {self.p.field!r} is {v!r}, not a finite number")
         try:
             ok = _OPS[self.p.op](v, self.p.value)
         except TypeError:

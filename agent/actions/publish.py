@@ -4,6 +4,12 @@
      ...the message's fields (type, detections, model, window, ...), "latency_ms"}
 
 `id` is the idempotency key: stable across retries, unique per event.
+A frame that reaches `publish` (`decode -> motion -> publish`) becomes a
+`motion` event, `{"type": "motion", "topic", "width", "height", "motion":
+[[x0, y0, x1, y1], ...]}` (boxes normalised to the frame), never its pixels;
+without a motion step before it, a `frame` event with the size alone.
+Events carry no NaN or infinity, in JSON (strict parsers refuse them) or
+msgpack alike: such a message is malformed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any, ClassVar, Literal
 import msgpack
 
 from agent.actions.outgoing import OutgoingParams
-from agent.actions.payload import fields
+from agent.actions.payload import fields, nonfinite
+from agent.errors import PayloadError
 from agent.pipeline import ActionContext, Message, Outgoing
 
 ENVELOPE_VERSION = 1
@@ -43,7 +50,7 @@ class Publish:
         self.encode = _json if params.format == "json" else _msgpack
 
     def process(self, msg: Message) -> Sequence[Outgoing]:
-        body = fields(msg)
+        body = fields(msg) if msg.data is None or isinstance(msg.data, dict) else _frame(msg)
         seq = self.ctx.next_seq()
         key = f"{self.key_prefix}{seq}"
         envelope: dict[str, Any] = {
@@ -68,12 +75,44 @@ class Publish:
                          created=msg.ts),)
 
 
+def _frame(msg: Message) -> dict[str, Any]:
+    """What an event says about a frame: its motion boxes and size, no pixels."""
+    from agent.frames import Frame  # here: relays never load cv2; vision steps have
+
+    frame = msg.data
+    if not isinstance(frame, Frame):
+        return fields(msg)
+    boxes = msg.meta.get("motion")
+    event: dict[str, Any] = {"type": "frame" if boxes is None else "motion", "topic": msg.topic,
+                             "width": frame.width, "height": frame.height}
+    if boxes is not None:
+        event["motion"] = boxes
+    return event
+
+
 def _json(envelope: dict[str, Any]) -> bytes:
-    return json.dumps(envelope, separators=(",", ":"), default=_plain).encode()
+    try:
+        return json.dumps(envelope, separators=(",", ":"), default=_plain,
+                          allow_nan=False).encode()
+    except ValueError as exc:
+        raise PayloadError(_refusal(envelope, exc)) from None
 
 
 def _msgpack(envelope: dict[str, Any]) -> bytes:
-    return bytes(msgpack.packb(envelope, default=_plain))
+    where = nonfinite(envelope)  # msgpack would carry NaN along: refuse it as JSON does
+    if where is not None:
+        raise PayloadError(_refusal(envelope, None))
+    try:
+        return bytes(msgpack.packb(envelope, default=_plain))
+    except OverflowError:
+        raise PayloadError("the event holds an integer beyond 64 bits") from None
+
+
+def _refusal(envelope: dict[str, Any], exc: Exception | None) -> str:
+    where = nonfinite(envelope)
+    if where is None:
+        return f"cannot encode the event: {exc}"
+    return f"field {where!r} is not a finite number (events carry no NaN or infinity)"
 
 
 def _plain(value: Any) -> Any:

@@ -3,6 +3,8 @@
 `size = 10` emits after every 10 readings of a topic; `seconds = 60` emits
 each topic's aggregate once a minute (from the pipeline's clock). The
 emitted message's data is `{"topic", "n", "start", "end", "<field>": {agg: value}}`.
+A reading whose field is not a finite number (NaN, Infinity, 1e400), or would
+overflow the window's sum, is malformed: it is counted and not folded in.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import msgpack
 
 from agent.actions.payload import fields, number
+from agent.errors import PayloadError
 from agent.pipeline import ActionContext, Message
 from agent.schema import Duration
 
@@ -61,8 +64,12 @@ class Window:
 
     def process(self, msg: Message) -> Sequence[Message]:
         values = fields(msg)
-        nums = [number(values, f) for f in self.p.fields]  # validate all before counting
+        nums = [number(values, f) for f in self.p.fields]  # finite; all checked before folding
         acc = self.accs.get(msg.topic)
+        sums = nums if acc is None else [s + v for s, v in zip(acc.sums, nums, strict=True)]
+        for name, s in zip(self.p.fields, sums, strict=True):
+            if not math.isfinite(s):  # refuse the reading, not the window: counted, not folded
+                raise PayloadError(f"field {name!r}: the window's sum would overflow a double")
         if acc is None:
             k = len(nums)
             acc = self.accs[msg.topic] = _Acc(msg.ts, sums=[0.0] * k, mins=[math.inf] * k,
@@ -70,7 +77,7 @@ class Window:
         acc.n += 1
         acc.end = msg.ts
         for i, v in enumerate(nums):
-            acc.sums[i] += v
+            acc.sums[i] = sums[i]
             acc.mins[i] = min(acc.mins[i], v)
             acc.maxs[i] = max(acc.maxs[i], v)
             acc.lasts[i] = v

@@ -203,10 +203,26 @@ class ServiceConfig:
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     interval_s: Duration = Duration(30)
+    prometheus: str | None = None  # "127.0.0.1:9108": serve /metrics there (agent/prometheus.py)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:  # 0 would publish telemetry in a busy loop
             raise ValueError("interval_s: must be positive")
+        if self.prometheus is not None:
+            self.prometheus_address  # noqa: B018 - validates "host:port"
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """(host, port) from `prometheus` ("127.0.0.1:9108", "[::1]:9108"), or None when off."""
+        if self.prometheus is None:
+            return None
+        host, sep, port = self.prometheus.rpartition(":")
+        bare = host.removeprefix("[").removesuffix("]")
+        if not sep or not bare or (":" in bare and bare == host) \
+                or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"prometheus: {self.prometheus!r} is not host:port "
+                             "(e.g. \"127.0.0.1:9108\" or \"[::1]:9108\"; a port from 1 to 65535)")
+        return bare, int(port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ class BrokerConfig:
     keepalive_s: Seconds = Seconds(30)
     session_expiry_s: Duration = Duration(86400)
     reconnect_min_s: Duration = Duration(0.5)
-    reconnect_max_s: Duration = Duration(30)
+    reconnect_max_s: Duration = Duration(5)  # an edge device buffers: back within seconds
     connect_timeout_s: Duration = Duration(10)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ tests/vision/test_frame_hardening.py (the unit tests of the same defences).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,6 +25,15 @@ import pytest
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
 from brokers import Broker
 from helpers import Collector, publish_many
+
+from agent.actions import filter as filter_action
+from agent.actions import publish, window
+from agent.actions.payload import fields, number
+from agent.config import CameraConfig, RuntimeConfig
+from agent.errors import PayloadError
+from agent.frames import Frame
+from agent.pipeline import ActionContext, Message, Outgoing
+from agent.telemetry import Telemetry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RSS_BOUND_KIB = 300 * 1024  # the agent's peak RSS with every hostile frame behind it
@@ -173,6 +183,93 @@ def strict_json(data: bytes) -> Any:
     def refuse(name: str) -> Any:
         raise AssertionError(f"event carries {name}: {data!r}")
     return json.loads(data, parse_constant=refuse)
+
+
+def context() -> ActionContext:
+    seq = itertools.count(1)
+    return ActionContext(device="d1", prefix="fog", pipeline="p", step=0, data_dir=Path("."),
+                         runtime=RuntimeConfig(), camera=CameraConfig(), boot_id="b",
+                         telemetry=Telemetry(), next_seq=lambda: next(seq))
+
+
+def reading(payload: bytes | dict[str, Any], topic: str = "meters/m1") -> Message:
+    if isinstance(payload, dict):
+        return Message(topic=topic, payload=b"", ts=100.0, data=payload)
+    return Message(topic=topic, payload=payload, ts=100.0)
+
+
+# -- 8: non-finite numbers, unit level ---------------------------------------------------------
+
+NON_FINITE = [b'{"w": NaN}', b'{"w": Infinity}', b'{"w": -Infinity}', b'{"w": 1e400}',
+              b'{"w": 1' + b"0" * 400 + b"}", msgpack.packb({"w": math.nan}),
+              msgpack.packb({"w": math.inf})]
+
+
+@pytest.mark.parametrize("payload", NON_FINITE)
+def test_a_field_that_is_not_a_finite_double_is_malformed(payload: bytes) -> None:
+    with pytest.raises(PayloadError, match="'w'"):
+        number(fields(reading(payload)), "w")
+
+
+def test_a_window_folds_in_no_nan_and_no_sum_beyond_a_double() -> None:
+    win = window.build(window.Params(fields=("w",), agg=("mean", "min", "max", "sum"), size=3),
+                       context())
+    for payload in (b'{"w": 1e308}', b'{"w": NaN}', b'{"w": 1e308}', b'{"w": -1e308}',
+                    b'{"w": Infinity}'):
+        try:
+            out = win.process(reading(payload))
+        except PayloadError:
+            continue
+        assert not out
+    (event,) = win.process(reading(b'{"w": 5}'))
+    assert event.data["w"] == {"mean": 5 / 3, "min": -1e308, "max": 1e308, "sum": 5.0}
+    assert all(math.isfinite(v) for v in event.data["w"].values())
+
+
+def test_a_filter_refuses_nan_instead_of_failing_every_comparison_silently() -> None:
+    gate = filter_action.build(filter_action.Params(field="t", op="!=", value=3), context())
+    with pytest.raises(PayloadError, match="not a finite number"):
+        gate.process(reading(b'{"t": NaN}'))
+    assert gate.process(reading(b'{"t": 4}'))
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+@pytest.mark.parametrize("data", [{"t": math.nan}, {"a": {"b": [1.0, -math.inf]}},
+                                  {"x": np.float32("nan")}, {"x": np.array([1.0, np.inf])}])
+def test_an_event_never_carries_nan_or_infinity(fmt: str, data: dict[str, Any]) -> None:
+    pub = publish.build(publish.Params(format=fmt), context())  # type: ignore[arg-type]
+    with pytest.raises(PayloadError, match="not a finite number"):
+        pub.process(reading(data))
+
+
+def test_an_integer_beyond_64_bits_is_malformed_in_a_msgpack_event() -> None:
+    pub = publish.build(publish.Params(format="msgpack"), context())
+    with pytest.raises(PayloadError, match="64 bits"):
+        pub.process(reading({"n": 10**30}))
+
+
+# -- 18: frames reaching publish, unit level ---------------------------------------------------
+
+def test_a_frame_reaching_publish_becomes_a_motion_event_without_pixels() -> None:
+    frame = Frame(np.zeros((240, 320, 3), np.uint8), 5.0, "cams/a")
+    msg = Message(topic="cams/a", payload=b"\xff\xd8 not json", ts=100.0, data=frame,
+                  meta={"motion": [[0.1, 0.2, 0.3, 0.4]]}, latency_ms={"motion": 0.2})
+    (out,) = publish.build(publish.Params(), context()).process(msg)
+    assert isinstance(out, Outgoing)
+    event = strict_json(out.payload)
+    assert (event["type"], event["width"], event["height"]) == ("motion", 320, 240)
+    assert event["motion"] == [[0.1, 0.2, 0.3, 0.4]] and event["topic"] == "cams/a"
+    assert len(out.payload) < 400
+    (plain,) = publish.build(publish.Params(), context()).process(msg.evolve(meta={}))
+    assert strict_json(plain.payload)["type"] == "frame"
+
+
+def test_window_and_filter_say_a_frame_is_not_a_reading() -> None:
+    frame = Frame(np.zeros((2, 2, 3), np.uint8), 5.0)
+    msg = Message(topic="cams/a", payload=b"\xff\xd8", ts=1.0, data=frame)
+    win = window.build(window.Params(fields=("w",), size=1), context())
+    with pytest.raises(PayloadError, match="a frame is not a reading"):
+        win.process(msg)
 
 
 # -- 5: frame references ------------------------------------------------------------------------

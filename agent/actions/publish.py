@@ -120,6 +120,8 @@ def _plain(value: Any) -> Any:
     tolist = getattr(value, "tolist", None)
     if tolist is not None:
         return tolist()
+    if isinstance(value, int):  # msgpack hands back what it cannot pack: beyond 64 bits
+        raise PayloadError("the event holds an integer beyond 64 bits")
     raise TypeError(f"cannot encode {type(value).__name__} in an event")
 
 

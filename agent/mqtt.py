@@ -6,6 +6,13 @@ why not paho on this path). What must survive a reconnect is held elsewhere:
 the broker's persistent session for input (fixed client id, no clean start,
 a session expiry), the outbox for output. So a connection keeps no state
 across attempts except its configuration.
+
+A broker that breaks the protocol (a malformed packet, a topic that is no
+valid name, a topic alias we never allowed, QoS 2 where we subscribed at
+QoS 1, a packet above the Maximum Packet Size we advertised) is answered
+with a DISCONNECT carrying the MQTT 5 reason code and a fresh connection:
+what it sent is never acknowledged nor handed on. Every close is logged with
+its reason, a repeated one once per burst.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import re
 import socket
 import ssl
 import time
@@ -22,15 +31,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import mqtt_codec as codec
+from agent import topics
 from agent.config import BrokerConfig
 from agent.errors import ConnectError
 from agent.telemetry import Telemetry
+from agent.urls import redact_url
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 0.25
 STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff
 DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own default
+# The Maximum Packet Size we advertise (MQTT 5) and enforce (both versions), counting
+# the whole packet. A connection without a message handler (the uplink) receives only
+# CONNACK, PUBACK, SUBACK and DISCONNECT; a broker drops their optional properties
+# rather than exceed it.
+ACKS_MAX_PACKET_BYTES = 65_536
+# One with a handler (the local bus) receives camera frames: a raw 4K BGR frame as
+# msgpack (24.9 MB) fits with room (broker-config/edge.conf lets 8 MiB through).
+MESSAGES_MAX_PACKET_BYTES = 32 * 2**20
+KEEPALIVE_GRACE = 1.25  # keepalives without a complete packet before giving up
+TAKEOVER_STREAK = 3  # closes in a row right after connecting that mean a session takeover
+BURST_S = 10.0  # a repeated log line is said once per burst of this length
+DISCONNECT_LINGER_S = 1.0  # our DISCONNECT gets this long to leave before the socket goes
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +97,8 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.closed_by_broker = False  # the broker closed the socket without a DISCONNECT
+        self.broker_reason: int | None = None  # the reason of the broker's DISCONNECT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -84,16 +109,31 @@ class _Protocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.last_in = time.monotonic()
+        conn = self.conn
         try:
-            for kind, flags, body in self.reader.feed(data):
-                self.conn.handle(self, kind, flags, body)
-        except (codec.MalformedPacket, ValueError, IndexError) as exc:
-            self.fail(f"malformed packet from the broker: {exc}")
+            packets = self.reader.feed(data)
+        except codec.MalformedPacket as exc:
+            conn.violation(self, exc)
+            return
+        if not packets:
+            return
+        conn.last_in = time.monotonic()  # keepalive counts complete packets only
+        for kind, flags, body in packets:
+            if self.lost.done():
+                return  # given up on after an earlier packet of this read
+            try:
+                msg = conn.handle(self, kind, flags, body)
+            except codec.MalformedPacket as exc:
+                conn.violation(self, exc)
+                return
+            if msg is not None:  # outside the try: the consumer's errors are its own
+                conn.deliver(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
-            self.lost.set_result(f"connection closed{f': {exc}' if exc else ''}")
+            self.closed_by_broker = exc is None
+            self.lost.set_result("the broker closed the connection" if exc is None
+                                 else f"connection lost: {exc}")
 
     def send(self, packet: bytes) -> None:
         """Queue a packet; everything queued in one loop iteration leaves in one write."""
@@ -106,11 +146,20 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
         self.out.clear()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, disconnect: int | None = None) -> None:
+        """Give up on this connection; with `disconnect`, say so in an MQTT 5 DISCONNECT."""
         if not self.lost.done():
             self.lost.set_result(reason)
-        if self.transport is not None:
-            self.transport.abort()
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if disconnect is None:
+            t.abort()
+            return
+        self.flush()
+        t.write(codec.disconnect(v5=True, reason=disconnect))
+        t.close()  # after the write; a peer that reads nothing gets aborted
+        asyncio.get_running_loop().call_later(DISCONNECT_LINGER_S, t.abort)
 
 
 class Connection:
@@ -127,9 +176,11 @@ class Connection:
                  on_message: Callable[[Inbound], None] | None = None,
                  on_connected: Callable[[], Awaitable[None] | None] | None = None,
                  on_lost: Callable[[], None] | None = None,
-                 receive_maximum: int = 1000, clean_start: bool = False) -> None:
+                 receive_maximum: int = 1000, clean_start: bool = False,
+                 max_packet_bytes: int | None = None) -> None:
         self.name = name
         self.cfg = cfg
+        self.where = redact_url(cfg.url)  # the URL for messages: never the password
         self.client_id = client_id
         self.will = will
         self.birth = birth
@@ -139,6 +190,8 @@ class Connection:
         self.on_lost = on_lost
         self.receive_maximum = receive_maximum
         self.clean_start = clean_start
+        self.max_packet = max_packet_bytes or (
+            MESSAGES_MAX_PACKET_BYTES if on_message is not None else ACKS_MAX_PACKET_BYTES)
         self.v5 = cfg.protocol == "5"
         self.counters = telemetry.component(f"mqtt_{name}")
         self.connected = asyncio.Event()
@@ -154,25 +207,32 @@ class Connection:
         self._last_refusal = ""
         self._stopping = False
         self._ssl: ssl.SSLContext | None = None
+        self._bursts: dict[str, tuple[float, int]] = {}
+        self._quick_closes = 0  # closes by the broker right after connecting, in a row
 
     # -- the connection loop -----------------------------------------------------
 
     async def run(self) -> None:
         """Connect and reconnect with full-jitter backoff until cancelled or closed."""
-        attempt = 0
+        attempt = 0  # the backoff's exponent; a connection that lasted resets it
+        tries = 0  # attempts since the link went down
+        down_since = time.monotonic()
         while not self._stopping:
             started = time.monotonic()
+            tries += 1
             try:
                 await self._connect_once()
+                if tries > 1:
+                    log.info("%s down %.0f s, %d attempts", self.name,
+                             time.monotonic() - down_since, tries)
                 self._last_refusal = ""
-                reason = await self._serve()
-                if not self._stopping:
-                    log.warning("%s: connection to %s lost: %s", self.name, self.cfg.url, reason)
+                why = await self._serve(started)
+                down_since, tries = time.monotonic(), 0
             except ConnectError as exc:
-                text = str(exc)
-                if text != self._last_refusal:  # once per distinct reason, not per retry
-                    log.error("%s: %s", self.name, text)
-                    self._last_refusal = text
+                why = str(exc)
+                if why != self._last_refusal:  # once per distinct reason, not per retry
+                    log.error("%s: %s", self.name, why)
+                    self._last_refusal = why
                 self.counters.inc("connect_failures")
             finally:
                 self._teardown()
@@ -180,8 +240,13 @@ class Connection:
                 return
             if time.monotonic() - started > STABLE_AFTER_S:
                 attempt = 0
-            await asyncio.sleep(backoff_s(attempt, self.cfg.reconnect_min_s,
-                                          self.cfg.reconnect_max_s))
+            delay = backoff_s(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+            if tries:
+                log.debug("%s: attempt %d failed: %s; next in %.1f s", self.name, tries, why,
+                          delay)
+            else:
+                log.debug("%s: reconnecting in %.1f s", self.name, delay)
+            await asyncio.sleep(delay)
             attempt += 1
 
     def _tls(self) -> ssl.SSLContext | None:
@@ -202,17 +267,18 @@ class Connection:
         try:
             ctx = self._tls()
             _, proto = await asyncio.wait_for(loop.create_connection(
-                lambda: _Protocol(self, 268_435_455), self.cfg.host, self.cfg.port, ssl=ctx,
-                server_hostname=self.cfg.host if ctx else None), timeout)
+                lambda: _Protocol(self, self.max_packet), self.cfg.host, self.cfg.port,
+                ssl=ctx, server_hostname=self.cfg.host if ctx else None), timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            raise ConnectError(f"cannot reach {self.cfg.url}: {exc or 'timed out'}") from exc
+            raise ConnectError(f"cannot reach {self.where}: {exc or 'timed out'}") from exc
         self._proto = proto
         self._connack = loop.create_future()
         user, password = self.cfg.credentials
         props: dict[int, Any] | None = None
         if self.v5:
             props = {codec.SESSION_EXPIRY: int(self.cfg.session_expiry_s),
-                     codec.RECEIVE_MAXIMUM: self.receive_maximum}
+                     codec.RECEIVE_MAXIMUM: self.receive_maximum,
+                     codec.MAXIMUM_PACKET_SIZE: self.max_packet}
         will = codec.WillSpec(self.will.topic, self.will.payload, self.will.qos,
                               self.will.retain) if self.will else None
         proto.send(codec.connect(self.client_id, self.cfg.keepalive_s, v5=self.v5,
@@ -228,11 +294,10 @@ class Connection:
                 self._connack.cancel()
         if self._connack not in done or self._connack.cancelled():
             why = proto.lost.result() if proto.lost.done() else f"no CONNACK within {timeout:g} s"
-            raise ConnectError(f"{self.cfg.url}: {why}")
+            raise ConnectError(f"{self.where}: {why}")
         session_present, reason, server = self._connack.result()
         if reason >= 0x80:
-            raise ConnectError(f"{self.cfg.url} refused the connection: "
-                               f"{codec.reason_name(reason)} (0x{reason:02X})")
+            raise ConnectError(self._refusal(reason))
         # MQTT 5 reads an absent Receive Maximum as 65,535; we start at 20 in flight
         # unless the broker names its number (Mosquitto does), as for MQTT 3.1.1.
         self.server_receive_maximum = server.get(codec.RECEIVE_MAXIMUM,
@@ -244,7 +309,7 @@ class Connection:
             b = self.birth()
             self.publish_raw(b.topic, b.payload, b.qos, b.retain)
         self.counters.inc("connects")
-        log.info("%s: connected to %s as %s%s (receive maximum %d)", self.name, self.cfg.url,
+        log.info("%s: connected to %s as %s%s (receive maximum %d)", self.name, self.where,
                  self.client_id, " (session resumed)" if session_present else "",
                  self.server_receive_maximum)
         self.connected.set()
@@ -261,15 +326,25 @@ class Connection:
                                      timeout=float(self.cfg.connect_timeout_s),
                                      return_when=asyncio.FIRST_COMPLETED)
         if self._suback not in done:
-            raise ConnectError(f"{self.cfg.url}: no SUBACK")
+            why = proto.lost.result() if proto.lost.done() else "no SUBACK"
+            raise ConnectError(f"{self.where}: {why}")
         for (topic_filter, _), code in zip(self.subscriptions, self._suback.result(),
                                            strict=False):
             if code >= 0x80:  # a refused subscription is a config problem; say which
                 log.error("%s: %s refused the subscription to %r: %s", self.name,
-                          self.cfg.url, topic_filter, codec.reason_name(code))
+                          self.where, topic_filter, codec.reason_name(code))
 
-    async def _serve(self) -> str:
-        """Keep the connection alive until it closes; return why it closed."""
+    def _refusal(self, reason: int) -> str:
+        text = (f"{self.where} refused the connection: {codec.reason_name(reason)} "
+                f"(0x{reason:02X})")
+        if reason == codec.UNSUPPORTED_PROTOCOL_VERSION and self.v5:
+            # Where an automatic fall back to 3.1.1 would go (a later issue): set
+            # self.v5 = False and retry at once instead of telling the operator.
+            text += f'; broker refused MQTT 5; set protocol = "3.1.1" in [{self.name}]'
+        return text
+
+    async def _serve(self, started: float) -> str:
+        """Keep the connection alive until it closes; log and return why it closed."""
         proto = self._proto
         assert proto is not None
         keepalive = float(self.cfg.keepalive_s)
@@ -277,15 +352,59 @@ class Connection:
         while not proto.lost.done():
             await asyncio.wait([proto.lost], timeout=HOUSEKEEPING_S)
             idle = time.monotonic() - self.last_in
-            # A blackhole (socket open, nothing arriving) is caught within 1.25x keepalive:
-            # ping after half a keepalive of silence, give up after 1.25x.
-            if idle > keepalive * 1.25:
-                proto.fail(f"no packet from the broker for {idle:.1f} s "
+            # A blackhole (socket open, no complete packet arriving) is caught within
+            # 1.25x keepalive: ping after half a keepalive of silence, give up after 1.25x.
+            if idle > keepalive * KEEPALIVE_GRACE:
+                proto.fail(f"no complete packet from the broker for {idle:.1f} s "
                            f"(keepalive {self.cfg.keepalive_s} s)")
             elif idle > keepalive / 2 and time.monotonic() - pinged > keepalive / 2:
                 proto.send(codec.PINGREQ_BYTES)
                 pinged = time.monotonic()
-        return proto.lost.result()
+        why = proto.lost.result()
+        if not self._stopping:
+            self._say(logging.WARNING, f"lost:{why}", "%s: connection to %s lost: %s",
+                      self.name, self.where, why)
+            self._note_takeover(proto, time.monotonic() - started)
+        return why
+
+    def _note_takeover(self, proto: _Protocol, lasted_s: float) -> None:
+        """Name a session takeover: the broker says so (0x8E), or closes us again and again
+        right after connecting (Mosquitto says nothing, even to MQTT 5 clients)."""
+        if proto.broker_reason == codec.SESSION_TAKEN_OVER:
+            self._quick_closes = 0
+            self._takeover("")
+            return
+        if not (proto.closed_by_broker and lasted_s < STABLE_AFTER_S):
+            self._quick_closes = 0
+            return
+        self._quick_closes += 1
+        if self._quick_closes >= TAKEOVER_STREAK:
+            self._takeover(f"the broker closed the connection right after connecting "
+                           f"{self._quick_closes} times in a row: ", "probably ")
+
+    def _takeover(self, evidence: str, hedge: str = "") -> None:
+        self.counters.inc("session_takeovers")
+        m = re.fullmatch(r"fogwhisk-(.+)-(local|uplink)", self.client_id)  # config's default
+        twins = f"device id {m.group(1)}" if m else f"client id {self.client_id}"
+        self._say(logging.WARNING, "takeover", "%s: %sanother client with the same client id "
+                  "%s %stook the session over: two agents with %s?", self.name, evidence,
+                  self.client_id, hedge, twins)
+
+    def _say(self, level: int, key: str, fmt: str, *args: object,
+             exc_info: bool = False) -> None:
+        """Log once per burst of `key`, then say how many were held back meanwhile."""
+        now = time.monotonic()
+        last, held = self._bursts.get(key, (-math.inf, 0))
+        if now - last < BURST_S:
+            self._bursts[key] = (last, held + 1)
+            return
+        if len(self._bursts) > 100:  # keys hold reasons: keep the table small
+            self._bursts = {k: v for k, v in self._bursts.items() if now - v[0] < BURST_S}
+        self._bursts[key] = (now, 0)
+        if held:
+            fmt += " (and %d more like it in the last burst)"
+            args = (*args, held)
+        log.log(level, fmt, *args, exc_info=exc_info)
 
     def _teardown(self) -> None:
         was_connected = self.connected.is_set()
@@ -301,32 +420,78 @@ class Connection:
 
     # -- packets from the broker ---------------------------------------------------
 
-    def handle(self, proto: _Protocol, kind: int, flags: int, body: bytes) -> None:
+    def handle(self, proto: _Protocol, kind: int, flags: int, body: bytes) -> Inbound | None:
+        """Act on one packet; a PUBLISH for the message handler is returned, not delivered.
+
+        Raises MalformedPacket (or ProtocolError) when the broker broke the protocol.
+        """
         if kind == codec.PUBLISH:
             topic, qos, packet_id, props, payload = codec.read_publish(body, flags, v5=self.v5)
+            if props is not None and codec.TOPIC_ALIAS in props:
+                raise codec.ProtocolError(0x94, f"topic alias {props[codec.TOPIC_ALIAS]} on "
+                                                f"{topic[:80]!r}, but we allow none")
+            try:
+                topics.validate_name(topic)
+            except ValueError as exc:
+                raise codec.ProtocolError(0x90, str(exc)) from None
+            if qos == 2:
+                raise codec.ProtocolError(0x9B, f"QoS 2 on {topic[:80]!r}: we subscribe "
+                                                "at QoS 1 at most")
             self.counters.inc("received")
-            if qos and self.on_message is None:
-                proto.send(codec.puback(packet_id))
-            elif self.on_message is not None:
-                ack = _noop if not qos else self._acker(proto, packet_id)
-                self.on_message(Inbound(topic, payload, qos, bool(flags & 1), props, ack))
-        elif kind == codec.PUBACK:
+            if self.on_message is None:
+                if qos:
+                    proto.send(codec.puback(packet_id))
+                return None
+            ack = _noop if not qos else self._acker(proto, packet_id)
+            return Inbound(topic, payload, qos, bool(flags & 1), props, ack)
+        if flags:
+            raise codec.MalformedPacket(f"packet type {kind} with reserved flags 0x{flags:X}")
+        if kind == codec.PUBACK:
             packet_id, reason = codec.read_ack(body)
             cb = self._pending.pop(packet_id, None)
             if cb is not None:
                 cb(reason, codec.reason_name(reason))
         elif kind == codec.CONNACK:
-            if self._connack is not None and not self._connack.done():
-                self._connack.set_result(codec.read_connack(body, v5=self.v5))
+            connack = codec.read_connack(body, v5=self.v5)
+            if self._connack is None or self._connack.done():
+                raise codec.ProtocolError(0x82, "a CONNACK on an open connection")
+            self._connack.set_result(connack)
         elif kind == codec.SUBACK:
             _, codes = codec.read_suback(body, v5=self.v5)
             if self._suback is not None and not self._suback.done():
                 self._suback.set_result(codes)
         elif kind == codec.DISCONNECT:
-            reason = codec.read_disconnect(body)
-            proto.fail(f"the broker disconnected us: {codec.reason_name(reason)}")
-        elif kind != codec.PINGRESP:
-            proto.fail(f"unexpected packet type {kind}")
+            reason, text = codec.read_disconnect(body, v5=self.v5)
+            proto.broker_reason = reason
+            proto.fail(f"the broker disconnected us: {codec.reason_name(reason)} "
+                       f"(0x{reason:02X}){f': {text}' if text else ''}")
+        elif kind == codec.PINGRESP:
+            if body:
+                raise codec.MalformedPacket(f"PINGRESP of {len(body)} bytes (0)")
+        else:
+            raise codec.ProtocolError(0x82, f"packet type {kind} is not for a client")
+        return None
+
+    def deliver(self, msg: Inbound) -> None:
+        """Hand a message to the handler; its failure is its own, not the broker's."""
+        assert self.on_message is not None
+        try:
+            self.on_message(msg)
+        except Exception:
+            # Not acknowledged: the broker delivers it again on the next connection.
+            self.counters.inc("handler_errors")
+            self._say(logging.ERROR, "handler", "%s: the message handler failed on %r; "
+                      "left unacknowledged", self.name, msg.topic[:80], exc_info=True)
+
+    def violation(self, proto: _Protocol, exc: codec.MalformedPacket) -> None:
+        """The broker broke the protocol: count it, disconnect with the reason, start over."""
+        code = exc.reason
+        malformed = type(exc) is codec.MalformedPacket
+        self.counters.inc("malformed_packets" if malformed else "protocol_errors")
+        how = (f"sent DISCONNECT {codec.reason_name(code)} (0x{code:02X})" if self.v5
+               else f"closed the connection ({codec.reason_name(code)}, 0x{code:02X})")
+        proto.fail(f"{'malformed packet' if malformed else 'protocol error'} from the "
+                   f"broker: {exc}; {how}", code if self.v5 else None)
 
     def _acker(self, proto: _Protocol, packet_id: int) -> Callable[[], None]:
         def ack() -> None:
@@ -355,7 +520,7 @@ class Connection:
         authorised): the callback gets the code and decides.
         """
         if not self.connected.is_set():
-            raise ConnectError(f"{self.name}: not connected to {self.cfg.url}")
+            raise ConnectError(f"{self.name}: not connected to {self.where}")
         self.publish_raw(topic, payload, qos, retain, user_properties, expiry_s, on_published)
 
     def publish_raw(self, topic: str, payload: bytes, qos: int, retain: bool,
@@ -364,7 +529,7 @@ class Connection:
                     on_published: OnPublished | None = None) -> None:
         proto = self._proto
         if proto is None:
-            raise ConnectError(f"{self.name}: not connected to {self.cfg.url}")
+            raise ConnectError(f"{self.name}: not connected to {self.where}")
         props = b"\x00"
         if self.v5 and len(user_properties) == 1:  # the idempotency key: the hot path
             (name, value), = user_properties
@@ -377,8 +542,11 @@ class Connection:
                 p[codec.USER_PROPERTY] = user_properties
             props = codec.properties(p)
         packet_id = self._packet_id() if qos else 0
-        proto.send(codec.publish(topic, payload, qos, retain, packet_id, v5=self.v5,
-                                 props=props))
+        packet = codec.publish(topic, payload, qos, retain, packet_id, v5=self.v5, props=props)
+        if self.server_max_packet and len(packet) > self.server_max_packet:
+            raise ValueError(f"a packet of {len(packet):,} bytes exceeds the broker's maximum "
+                             f"packet size of {self.server_max_packet:,}")
+        proto.send(packet)
         self.counters.inc("published")
         if on_published is not None:
             if qos:

@@ -10,6 +10,11 @@ returned, and writes of one loop iteration go out in one `send`.
 Covered: CONNECT/CONNACK, PUBLISH QoS 0 and 1 both ways, PUBACK (with reason
 codes), SUBSCRIBE/SUBACK, PINGREQ/PINGRESP, DISCONNECT. QoS 2 is not spoken:
 subscriptions ask for at most QoS 1, which the broker honours by downgrading.
+
+Decoding trusts nothing: every `read_*` and `Reader.feed` raise `MalformedPacket`
+(or its subclass `ProtocolError`, carrying the MQTT 5 reason code to disconnect
+with) and nothing else, whatever the bytes; tests/test_codec_fuzz.py holds them
+to it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
 # Property identifiers (MQTT 5 section 2.2.2.2) and their wire types.
 MESSAGE_EXPIRY, SESSION_EXPIRY, RECEIVE_MAXIMUM = 0x02, 0x11, 0x21
 MAXIMUM_PACKET_SIZE, USER_PROPERTY, REASON_STRING = 0x27, 0x26, 0x1F
+TOPIC_ALIAS = 0x23
+MAX_VARINT = 268_435_455  # four bytes of seven bits
+MAX_PACKET = 1 + 4 + MAX_VARINT  # fixed header byte, longest remaining length, body
 _BYTE, _U16, _U32, _VARINT, _BIN, _STR, _PAIR = range(7)
 _PROP_TYPES = {
     0x01: _BYTE, 0x02: _U32, 0x03: _STR, 0x08: _STR, 0x09: _BIN, 0x0B: _VARINT, 0x11: _U32,
@@ -48,10 +56,37 @@ REASONS = {
 }
 # MQTT 3.1.1 CONNACK return codes, mapped onto the MQTT 5 reason codes they mean.
 V311_CONNACK = {0: 0x00, 1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
+UNSUPPORTED_PROTOCOL_VERSION, SESSION_TAKEN_OVER = 0x84, 0x8E
+
+# Properties a server may put in each packet it sends (MQTT 5 section 2.2.2.2); any
+# other is a protocol error, as paho's decoder holds it too.
+_ALLOWED = {
+    PUBLISH: frozenset({0x01, 0x02, 0x03, 0x08, 0x09, 0x0B, 0x23, 0x26}),
+    CONNACK: frozenset({0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24,
+                        0x25, 0x26, 0x27, 0x28, 0x29, 0x2A}),
+    PUBACK: frozenset({0x1F, 0x26}),
+    SUBACK: frozenset({0x1F, 0x26}),
+    DISCONNECT: frozenset({0x11, 0x1C, 0x1F, 0x26}),
+}
+_MULTIPLE = frozenset({0x0B, USER_PROPERTY})  # may appear more than once
+# Value ranges the spec sets (section 3): anything else is a protocol error.
+_RANGES = {0x01: (0, 1), 0x0B: (1, MAX_VARINT), 0x13: (0, 65535), 0x21: (1, 65535),
+           0x23: (1, 65535), 0x24: (0, 1), 0x25: (0, 1), 0x27: (1, 2**32 - 1),
+           0x28: (0, 1), 0x29: (0, 1), 0x2A: (0, 1)}
 
 
 class MalformedPacket(ValueError):
-    """Raised when bytes from the peer are not a valid MQTT packet."""
+    """Raised when bytes from the peer are not a valid MQTT packet (reason 0x81)."""
+
+    reason = 0x81
+
+
+class ProtocolError(MalformedPacket):
+    """Raised when a well-formed packet breaks the protocol; `reason` is the v5 code."""
+
+    def __init__(self, reason: int, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 def reason_name(code: int) -> str:
@@ -61,6 +96,9 @@ def reason_name(code: int) -> str:
 # -- encoding ------------------------------------------------------------------
 
 def varint(n: int) -> bytes:
+    """A variable byte integer; ValueError beyond the four bytes MQTT allows."""
+    if not 0 <= n <= MAX_VARINT:
+        raise ValueError(f"{n:,} does not fit a variable byte integer (0 to {MAX_VARINT:,})")
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -70,11 +108,12 @@ def varint(n: int) -> bytes:
 
 
 def _str(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("!H", len(b)) + b
+    return _bin(s.encode())
 
 
 def _bin(b: bytes) -> bytes:
+    if len(b) > 65535:
+        raise ValueError(f"a string or binary field of {len(b):,} bytes exceeds 65,535")
     return struct.pack("!H", len(b)) + b
 
 
@@ -158,8 +197,7 @@ def connect(client_id: str, keepalive_s: int, *, v5: bool, clean: bool,
 def publish(topic: str, payload: bytes, qos: int, retain: bool, packet_id: int, *, v5: bool,
             props: bytes = b"\x00", dup: bool = False) -> bytes:
     """One PUBLISH; `props` is already encoded (see `properties`)."""
-    t = topic.encode()
-    head = struct.pack("!H", len(t)) + t
+    head = _str(topic)
     if qos:
         head += struct.pack("!H", packet_id)
     if v5:
@@ -190,28 +228,50 @@ def disconnect(*, v5: bool, reason: int = 0) -> bytes:
 # -- decoding ------------------------------------------------------------------
 
 class Reader:
-    """Splits a byte stream into packets: feed what `recv` returned, get whole packets."""
+    """Splits a byte stream into packets: feed what `recv` returned, get whole packets.
 
-    __slots__ = ("buf", "max_size")
+    A packet larger than `max_size` (the whole packet, as MQTT 5's Maximum Packet
+    Size counts it) is refused from its fixed header, before its body arrives.
+    A partial packet waits in one bytearray that grows in place, and is not parsed
+    again until the bytes its header announced are there: linear in its size,
+    however thinly the peer slices it.
+    """
 
-    def __init__(self, max_size: int = 268_435_455) -> None:
-        self.buf = b""
+    __slots__ = ("buf", "max_size", "need")
+
+    def __init__(self, max_size: int = MAX_PACKET) -> None:
+        self.buf = bytearray()
         self.max_size = max_size
+        self.need = 0  # size of the packet waiting in `buf`, once its header is known
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """(type, flags, body) of every complete packet; the rest waits for more bytes."""
-        buf = self.buf + data if self.buf else data
+        buf = self.buf
+        if not buf:  # the common case: parse what recv returned, keep only a tail
+            out, pos = self._split(data)
+            if pos < len(data):
+                buf += memoryview(data)[pos:]
+            return out
+        buf += data
+        if len(buf) < self.need:
+            return []
+        with memoryview(buf) as view:
+            out, pos = self._split(view)
+        del buf[:pos]
+        return out
+
+    def _split(self, buf: bytes | memoryview) -> tuple[list[tuple[int, int, bytes]], int]:
         out: list[tuple[int, int, bytes]] = []
         pos = 0
         end = len(buf)
+        self.need = 0
         while end - pos >= 2:
             first = buf[pos]
             length = shift = 0
             i = pos + 1
             while True:
                 if i >= end:
-                    self.buf = buf[pos:]
-                    return out
+                    return out, pos
                 b = buf[i]
                 length |= (b & 0x7F) << shift
                 i += 1
@@ -220,19 +280,23 @@ class Reader:
                 shift += 7
                 if shift > 21:
                     raise MalformedPacket("remaining length longer than 4 bytes")
-            if length > self.max_size:
-                raise MalformedPacket(f"packet of {length} bytes exceeds {self.max_size}")
+            size = i - pos + length
+            if size > self.max_size:
+                raise ProtocolError(0x95, f"packet of {size:,} bytes exceeds the maximum "
+                                          f"packet size of {self.max_size:,}")
             if end - i < length:
+                self.need = size
                 break
-            out.append((first >> 4, first & 0x0F, buf[i:i + length]))
+            out.append((first >> 4, first & 0x0F, bytes(buf[i:i + length])))
             pos = i + length
-        self.buf = buf[pos:]
-        return out
+        return out, pos
 
 
 def _read_varint(b: bytes, pos: int) -> tuple[int, int]:
     n = shift = 0
     while True:
+        if pos >= len(b):
+            raise MalformedPacket("variable byte integer cut short")
         byte = b[pos]
         pos += 1
         n |= (byte & 0x7F) << shift
@@ -243,99 +307,177 @@ def _read_varint(b: bytes, pos: int) -> tuple[int, int]:
             raise MalformedPacket("variable byte integer longer than 4 bytes")
 
 
-def read_properties(b: bytes, pos: int) -> tuple[dict[int, Any], int]:
+def _text(raw: bytes, what: str) -> str:
+    """An MQTT UTF-8 string: well-formed UTF-8 (so no surrogates) without U+0000."""
+    try:
+        s = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket(f"{what} is not valid UTF-8: {exc.reason}") from None
+    if "\x00" in s:
+        raise MalformedPacket(f"{what} holds U+0000")
+    return s
+
+
+def read_properties(b: bytes, pos: int, packet: int | None = None
+                    ) -> tuple[dict[int, Any], int]:
+    """Properties at `pos`: ({identifier: value}, position after them).
+
+    With `packet` (a packet type) only the properties that packet may carry are
+    accepted. USER_PROPERTY and SUBSCRIPTION_IDENTIFIER values come as lists.
+    """
     length, pos = _read_varint(b, pos)
     end = pos + length
+    if end > len(b):
+        raise MalformedPacket(f"properties of {length} bytes run past the packet's end")
+    allowed = _ALLOWED.get(packet) if packet is not None else None
     props: dict[int, Any] = {}
-    while pos < end:
-        ident = b[pos]
-        pos += 1
-        kind = _PROP_TYPES.get(ident)
-        if kind is None:
-            raise MalformedPacket(f"unknown property 0x{ident:02X}")
-        value: Any
-        if kind == _BYTE:
-            value = b[pos]
+    try:
+        while pos < end:
+            ident = b[pos]
             pos += 1
-        elif kind == _U16:
-            (value,) = struct.unpack_from("!H", b, pos)
-            pos += 2
-        elif kind == _U32:
-            (value,) = struct.unpack_from("!I", b, pos)
-            pos += 4
-        elif kind == _VARINT:
-            value, pos = _read_varint(b, pos)
-        elif kind in (_BIN, _STR):
-            (n,) = struct.unpack_from("!H", b, pos)
-            raw = bytes(b[pos + 2:pos + 2 + n])
-            value = raw if kind == _BIN else raw.decode()
-            pos += 2 + n
-        else:
-            (n,) = struct.unpack_from("!H", b, pos)
-            k = bytes(b[pos + 2:pos + 2 + n]).decode()
-            pos += 2 + n
-            (m,) = struct.unpack_from("!H", b, pos)
-            v = bytes(b[pos + 2:pos + 2 + m]).decode()
-            pos += 2 + m
-            props.setdefault(ident, []).append((k, v))
-            continue
-        props[ident] = value
-    if pos != end:
-        raise MalformedPacket("property lengths do not add up")
+            kind = _PROP_TYPES.get(ident)
+            if kind is None:
+                raise MalformedPacket(f"unknown property 0x{ident:02X}")
+            if allowed is not None and ident not in allowed:
+                raise ProtocolError(0x82, f"property 0x{ident:02X} is not allowed here")
+            if ident in props and ident not in _MULTIPLE:
+                raise ProtocolError(0x82, f"property 0x{ident:02X} given twice")
+            value: Any
+            if kind == _BYTE:
+                value = b[pos]
+                pos += 1
+            elif kind == _U16:
+                (value,) = struct.unpack_from("!H", b, pos)
+                pos += 2
+            elif kind == _U32:
+                (value,) = struct.unpack_from("!I", b, pos)
+                pos += 4
+            elif kind == _VARINT:
+                value, pos = _read_varint(b, pos)
+            elif kind == _PAIR:
+                (n,) = struct.unpack_from("!H", b, pos)
+                k = _text(bytes(b[pos + 2:pos + 2 + n]), "a user property name")
+                pos += 2 + n
+                (m,) = struct.unpack_from("!H", b, pos)
+                v = _text(bytes(b[pos + 2:pos + 2 + m]), "a user property value")
+                pos += 2 + m
+                value = (k, v)
+            else:
+                (n,) = struct.unpack_from("!H", b, pos)
+                raw = bytes(b[pos + 2:pos + 2 + n])
+                pos += 2 + n
+                value = raw if kind == _BIN else _text(raw, f"property 0x{ident:02X}")
+            if pos > end:
+                raise MalformedPacket(f"property 0x{ident:02X} runs past the properties")
+            bounds = _RANGES.get(ident)
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                raise ProtocolError(0x82, f"property 0x{ident:02X} of {value} is out of range")
+            if ident in _MULTIPLE:
+                props.setdefault(ident, []).append(value)
+            else:
+                props[ident] = value
+    except (struct.error, IndexError) as exc:
+        raise MalformedPacket(f"properties cut short: {exc}") from None
     return props, end
 
 
 def read_connack(b: bytes, *, v5: bool) -> tuple[bool, int, dict[int, Any]]:
-    """(session present, reason code in MQTT 5 terms, properties)."""
+    """(session present, reason code in MQTT 5 terms, properties).
+
+    An MQTT 5 CONNECT answered the 3.1.1 way (two bytes, return code 1..5, as
+    NATS does) means what the 3.1.1 code means: 1 is 0x84 Unsupported Protocol
+    Version, not a success below 0x80.
+    """
     if len(b) < 2:
-        raise MalformedPacket("CONNACK shorter than 2 bytes")
-    session = bool(b[0] & 1)
+        raise MalformedPacket(f"CONNACK of {len(b)} bytes (at least 2)")
+    if b[0] & 0xFE:
+        raise MalformedPacket(f"CONNACK flags 0x{b[0]:02X} (only bit 0 may be set)")
+    session, code = bool(b[0] & 1), b[1]
     if not v5:
-        return session, V311_CONNACK.get(b[1], 0x80), {}
-    props, _ = read_properties(b, 2) if len(b) > 2 else ({}, 2)
-    return session, b[1], props
+        if len(b) != 2:
+            raise MalformedPacket(f"MQTT 3.1.1 CONNACK of {len(b)} bytes (2)")
+        return session, V311_CONNACK.get(code, 0x80), {}
+    if len(b) == 2:  # no property length: a 3.1.1 answer (or a terse success)
+        if code in V311_CONNACK:
+            return session, V311_CONNACK[code], {}
+        raise MalformedPacket(f"CONNACK of 2 bytes with code 0x{code:02X}")
+    if 0 < code < 0x80:
+        raise MalformedPacket(f"CONNACK reason 0x{code:02X} is not an MQTT 5 reason code")
+    props, end = read_properties(b, 2, CONNACK)
+    if end != len(b):
+        raise MalformedPacket(f"{len(b) - end} bytes after the CONNACK's properties")
+    return session, code, props
 
 
 def read_publish(b: bytes, flags: int, *, v5: bool
                  ) -> tuple[str, int, int, dict[int, Any] | None, bytes]:
     """(topic, qos, packet id or 0, properties, payload)."""
     qos = (flags >> 1) & 3
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")
     try:
         (n,) = struct.unpack_from("!H", b, 0)
-        topic = bytes(b[2:2 + n]).decode()
         pos = 2 + n
+        if pos > len(b):
+            raise MalformedPacket(f"PUBLISH topic of {n} bytes runs past the packet's end")
+        try:  # a NUL is left to the topic name's own check (reason 0x90, not 0x81)
+            topic = bytes(b[2:pos]).decode()
+        except UnicodeDecodeError as exc:
+            raise MalformedPacket(f"the topic is not valid UTF-8: {exc.reason}") from None
         packet_id = 0
         if qos:
             (packet_id,) = struct.unpack_from("!H", b, pos)
             pos += 2
+            if not packet_id:
+                raise MalformedPacket("PUBLISH with packet identifier 0")
         props = None
         if v5:
             if b[pos] == 0:
                 pos += 1
             else:
-                props, pos = read_properties(b, pos)
-    except (struct.error, IndexError, UnicodeDecodeError) as exc:
-        raise MalformedPacket(f"bad PUBLISH: {exc}") from exc
-    if qos == 3:
-        raise MalformedPacket("PUBLISH with QoS 3")
+                props, pos = read_properties(b, pos, PUBLISH)
+    except (struct.error, IndexError) as exc:
+        raise MalformedPacket(f"PUBLISH cut short: {exc}") from None
     return topic, qos, packet_id, props, bytes(b[pos:])
 
 
 def read_ack(b: bytes) -> tuple[int, int]:
-    """PUBACK (or SUBACK's id): (packet id, reason code; 0 when omitted)."""
-    if len(b) < 2:
-        raise MalformedPacket("acknowledgement shorter than 2 bytes")
+    """PUBACK: (packet id, reason code; 0 when omitted)."""
+    n = len(b)
+    if n == 2:  # the hot path: a success with nothing else
+        return struct.unpack("!H", b)[0], 0
+    if n < 2:
+        raise MalformedPacket(f"PUBACK of {n} bytes (at least 2)")
     (packet_id,) = struct.unpack_from("!H", b, 0)
-    return packet_id, b[2] if len(b) > 2 else 0
+    if n > 3:
+        _, end = read_properties(b, 3, PUBACK)
+        if end != n:
+            raise MalformedPacket(f"{n - end} bytes after the PUBACK's properties")
+    return packet_id, b[2]
 
 
 def read_suback(b: bytes, *, v5: bool) -> tuple[int, list[int]]:
+    """(packet id, one reason code per filter)."""
+    if len(b) < 3:
+        raise MalformedPacket(f"SUBACK of {len(b)} bytes (at least 3)")
     (packet_id,) = struct.unpack_from("!H", b, 0)
     pos = 2
     if v5:
-        _, pos = read_properties(b, pos)
+        _, pos = read_properties(b, pos, SUBACK)
+    if pos >= len(b):
+        raise MalformedPacket("SUBACK without reason codes")
     return packet_id, list(b[pos:])
 
 
-def read_disconnect(b: bytes) -> int:
-    return b[0] if len(b) else 0
+def read_disconnect(b: bytes, *, v5: bool = True) -> tuple[int, str]:
+    """A DISCONNECT from the server: (reason code, its reason string or "")."""
+    if not b:
+        return 0, ""
+    if not v5:
+        raise MalformedPacket(f"MQTT 3.1.1 DISCONNECT of {len(b)} bytes (0)")
+    if len(b) == 1:
+        return b[0], ""
+    props, end = read_properties(b, 1, DISCONNECT)
+    if end != len(b):
+        raise MalformedPacket(f"{len(b) - end} bytes after the DISCONNECT's properties")
+    return b[0], str(props.get(REASON_STRING, ""))

@@ -8,7 +8,13 @@ process with a demo config, simulated sensors at realistic rates (three
 rooms' temperature every second, a pump's vibration at 50 Hz, a power
 meter), and optionally the replayed lobby camera. At the end: what was sent,
 what reached the cloud, what was lost (0 expected). Every child runs in its
-own process group and dies with the demo, also on Ctrl-C or SIGTERM.
+own process group and dies with the demo, also on Ctrl-C or SIGTERM; Ctrl-C
+still lets what was sent arrive and prints the summary (exit 0 when nothing
+was lost).
+
+Logs and configs stay in `$XDG_STATE_HOME/fogwhisk/demo/<time>` (default
+`~/.local/state/...`), the last `KEEP_RUNS` runs; the outbox and the brokers'
+stores live in its `data/` and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -47,6 +55,8 @@ DRAIN_TIMEOUT_S = 15.0
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 CONF_DIR = REPO / "broker-config"
 PR_SET_PDEATHSIG = 1
+KEEP_RUNS = 5  # log directories kept, this run's included
+RUN_NAME = re.compile(r"\d{8}-\d{6}(-\d+)?")  # what new_log_dir makes, and all prune touches
 
 PIPELINES = """
 [[pipeline]]
@@ -76,6 +86,32 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+
+
+def new_log_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """A new run's directory under $XDG_STATE_HOME/fogwhisk/demo; older runs beyond KEEP_RUNS go.
+
+    State, not cache (the XDG spec: logs a user may want after the fact), and
+    bounded so that repeated demos do not fill a Pi's SD card.
+    """
+    state = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the spec says to ignore a relative path
+        state = os.path.join(env.get("HOME") or str(Path.home()), ".local", "state")
+    base = Path(state) / "fogwhisk" / "demo"
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        run = base / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:  # another demo in the same second
+            continue
+    runs = sorted(p for p in base.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name))
+    for old in runs[:-KEEP_RUNS]:
+        if old != run:
+            shutil.rmtree(old, ignore_errors=True)
+    return run
 
 
 def _port_open(port: int) -> bool:
@@ -119,20 +155,20 @@ class Child:
             return ""
 
 
-def broker_conf(shipped: Path, port: int, workdir: Path) -> str:
-    """A shipped broker config on `port`, its data and log in `workdir`."""
+def broker_conf(shipped: Path, port: int, data_dir: Path) -> str:
+    """A shipped broker config on `port`, its store in `data_dir`, its log on stderr."""
     out = [f"# {shipped.name}, rewritten by fogwhisk demo"]
     for line in shipped.read_text().splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
         if key == "user":
-            # Started as root Mosquitto switches users and then cannot write our temp dir.
+            # Started as root Mosquitto switches users and then cannot write our data dir.
             if os.geteuid() == 0:
                 out.append("user root")
             continue
         if key == "listener":
             out.append(f"listener {port} 127.0.0.1")
         elif key == "persistence_location":
-            out.append(f"persistence_location {workdir}/")
+            out.append(f"persistence_location {data_dir}/")
         elif key == "log_dest":
             out.append("log_dest stderr")
         else:
@@ -140,12 +176,14 @@ def broker_conf(shipped: Path, port: int, workdir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def start_broker(name: str, workdir: Path) -> tuple[Child, int]:
+def start_broker(name: str, workdir: Path, data_dir: Path) -> tuple[Child, int]:
+    """Mosquitto with its config and log in `workdir`, its store in `data_dir`."""
     workdir.mkdir(parents=True)
+    data_dir.mkdir(parents=True)
     for _ in range(3):  # a free port can be taken between probing and binding
         port = free_port()
         conf = workdir / "mosquitto.conf"
-        conf.write_text(broker_conf(CONF_DIR / f"{name}.conf", port, workdir))
+        conf.write_text(broker_conf(CONF_DIR / f"{name}.conf", port, data_dir))
         child = Child(f"{name} broker", [MOSQUITTO, "-c", str(conf)], workdir / "mosquitto.log")
         deadline = time.monotonic() + START_TIMEOUT_S
         while child.alive and time.monotonic() < deadline and not _port_open(port):
@@ -156,11 +194,11 @@ def start_broker(name: str, workdir: Path) -> tuple[Child, int]:
     raise RuntimeError(f"the {name} broker did not start:\n{child.tail()}")
 
 
-def agent_config(workdir: Path, edge_port: int, cloud_port: int, camera: bool) -> str:
+def agent_config(data_dir: Path, edge_port: int, cloud_port: int, camera: bool) -> str:
     text = f"""
 [device]
 id = "{DEVICE}"
-data_dir = "{workdir / 'agent-data'}"
+data_dir = "{data_dir}"
 
 [local]
 url = "mqtt://127.0.0.1:{edge_port}"
@@ -380,9 +418,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(duration_s: float = 30.0, camera: bool = True) -> int:
-    """Run the tour for `duration_s`; 0 when everything sent arrived, 1 otherwise."""
+    """Run the tour for `duration_s` (or until Ctrl-C); 0 when everything sent arrived."""
     tty = sys.stdout.isatty()
-    workdir = Path(tempfile.mkdtemp(prefix="fogwhisk-demo-"))
+    try:
+        logs = new_log_dir()
+        kept = f"the last {KEEP_RUNS} runs are kept"
+    except OSError as exc:  # no writable home (a service user): the logs go with the run
+        logs = Path(tempfile.mkdtemp(prefix="fogwhisk-demo-"))
+        kept = f"not kept after a clean run: no state directory ({exc.strerror})"
+    data = logs / "data"
+    print(f"fogwhisk demo: logs in {logs} ({kept})", flush=True)
     children: list[Child] = []
     clients: list[Sensors | Cloud] = []
     old = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -393,25 +438,25 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
             print("fogwhisk demo: mosquitto is not installed (run scripts/setup)",
                   file=sys.stderr)
             return 1
-        edge, edge_port = start_broker("edge", workdir / "edge")
+        edge, edge_port = start_broker("edge", logs / "edge", data / "edge")
         children.append(edge)
-        cloud_broker, cloud_port = start_broker("cloud", workdir / "cloud")
+        cloud_broker, cloud_port = start_broker("cloud", logs / "cloud", data / "cloud")
         children.append(cloud_broker)
         with_camera = camera and (samples_dir() / "vtest.avi").is_file()
         if camera and not with_camera:
             print(f"(no camera: {samples_dir() / 'vtest.avi'} is missing; "
                   "scripts/fetch-samples fetches it)")
-        cfg = workdir / "agent.toml"
-        cfg.write_text(agent_config(workdir, edge_port, cloud_port, with_camera))
+        cfg = logs / "agent.toml"
+        cfg.write_text(agent_config(data / "agent", edge_port, cloud_port, with_camera))
         cloud = Cloud(cloud_port)
         clients.append(cloud)
         if not cloud.ready.wait(START_TIMEOUT_S):
             raise RuntimeError("no subscription at the cloud broker")
         agent = Child("agent", [sys.executable, "-m", "agent", "run", "-c", str(cfg)],
-                      workdir / "agent.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                      logs / "agent.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
         children.append(agent)
         print(f"edge broker :{edge_port}, cloud broker :{cloud_port}, agent pid "
-              f"{agent.proc.pid}, logs in {workdir}", flush=True)
+              f"{agent.proc.pid}; Ctrl-C ends the demo early, with its summary", flush=True)
         _wait_ready(agent)
         # The agent subscribes right after "ready"; give it that moment before sensors start.
         time.sleep(0.5)
@@ -419,8 +464,8 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
         clients.append(sensors)
         sensors.start()
         t0 = cloud.started = time.monotonic()
-        last_print = 0.0
         every = 1.0 if tty else 5.0
+        last_print = 1.0 - every  # the first table after 1 s, then every `every` s
         while (elapsed := time.monotonic() - t0) < duration_s:
             for child in children:
                 if not child.alive:
@@ -434,13 +479,15 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
         ok = True
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
-        print("\ninterrupted: stopping", flush=True)
+        print("\ninterrupted: stopping the sensors, waiting for what they sent "
+              "(Ctrl-C again to skip)", flush=True)
     except RuntimeError as exc:
         print(f"fogwhisk demo: {exc}", file=sys.stderr)
     finally:
         lost = -1
         try:
-            lost = _finish(clients, ok)  # a second Ctrl-C or SIGTERM skips the wait
+            # A second Ctrl-C or SIGTERM skips the wait.
+            lost = _finish(clients, DRAIN_TIMEOUT_S if ok or interrupted else 3.0, logs)
         except (KeyboardInterrupt, Interrupted):
             interrupted = True
         finally:
@@ -451,23 +498,28 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
             for child in reversed(children):  # agent first, then the brokers
                 child.stop()
             signal.signal(signal.SIGTERM, old)
-        success = ok and lost == 0
-        if success or interrupted:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+            shutil.rmtree(data, ignore_errors=True)  # the stores; logs and configs stay
+        # Stopped early, a clean summary is still a success: nothing sent was lost.
+        success = (ok or interrupted) and lost == 0
+        if not success:
+            print(f"fogwhisk demo: see the logs in {logs}", file=sys.stderr)
+        elif not kept.startswith("the last"):
+            shutil.rmtree(logs, ignore_errors=True)
     return 0 if success else 1
 
 
-def _finish(clients: list[Sensors | Cloud], ok: bool) -> int:
-    """Stop the sensors, wait for what is in flight to reach the cloud, print the summary."""
+def _finish(clients: list[Sensors | Cloud], drain_s: float, logs: Path) -> int:
+    """Stop the sensors, wait for what is in flight to reach the cloud, print the summary.
+
+    Returns how many readings were lost, -1 when there was nothing to sum up.
+    """
     sensors = next((c for c in clients if isinstance(c, Sensors)), None)
     cloud = next((c for c in clients if isinstance(c, Cloud)), None)
     if sensors is None or cloud is None:
         return -1
     sensors.stop()
     sensors.settle()
-    deadline = time.monotonic() + (DRAIN_TIMEOUT_S if ok else 3.0)
+    deadline = time.monotonic() + drain_s
     while time.monotonic() < deadline:
         with cloud.lock:
             vib = cloud.vibration_n
@@ -489,4 +541,5 @@ def _finish(clients: list[Sensors | Cloud], ok: bool) -> int:
           f"in {cloud.received('events/vibration')} windows")
     print(f"  lost                                     {lost:>8}")
     print(f"  camera events                            {cloud.n_events:>8}")
+    print(f"  logs                                     {logs}", flush=True)
     return lost

@@ -123,6 +123,11 @@ class Agent:
                 self.routes.append((pcfg.trigger.topic, p))
         self.sender = Sender(self.outbox, self.uplink, self.cfg.outbox.inflight)
         try:
+            exporter = None
+            if self.cfg.telemetry.prometheus is not None:  # prometheus_client loads only then
+                from agent import prometheus
+
+                exporter = prometheus.start(self.cfg, self.telemetry, self.boot_id)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.outbox.run(), name="outbox"),
@@ -132,6 +137,8 @@ class Agent:
                     tg.create_task(self._telemetry_loop(), name="telemetry"),
                     tg.create_task(systemd.watchdog_loop(), name="watchdog"),
                 ]
+                if exporter is not None:
+                    tasks.append(tg.create_task(exporter.serve(), name="prometheus"))
                 for p in self.pipelines.values():
                     tasks.append(tg.create_task(self._supervise(p), name=f"pipeline:{p.name}"))
                     trig = p.cfg.trigger

@@ -2,7 +2,9 @@
 
 Counting happens on hot paths, so it is plain dict arithmetic with no locks:
 worker threads only add to counters, and a lost increment under a data race
-is an acceptable price for a counter (CPython's GIL makes it rare).
+is an acceptable price for a counter (CPython's GIL makes it rare). Readers on
+other threads (the Prometheus scrape, agent/prometheus.py) copy a dict before
+iterating it; `observe` stays a bisect over 16 bounds and three additions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 # Histogram bucket upper bounds in ms: sub-ms for relays, up to seconds for inference.
 BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 2500, 10000)
 BURST_S = 10.0
+# Values that are set, not added to (levels, not counts): Prometheus gauges, the rest counters.
+GAUGES = frozenset({"backlog", "backlog_bytes", "degraded"})
 
 
 class Histogram:

@@ -417,6 +417,17 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted
 
 
+def _hold_signals() -> None:
+    """From the summary on, the demo only finishes: Ctrl-C and SIGTERM are ignored.
+
+    A late Ctrl-C would otherwise turn a clean run into a failure, or cut the
+    children's stop short. That stop is bounded (each child 10 s, then SIGKILL),
+    and `main` is the process's last act, so the handlers are not restored.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(duration_s: float = 30.0, camera: bool = True) -> int:
     """Run the tour for `duration_s` (or until Ctrl-C); 0 when everything sent arrived."""
     tty = sys.stdout.isatty()
@@ -430,7 +441,7 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
     print(f"fogwhisk demo: logs in {logs} ({kept})", flush=True)
     children: list[Child] = []
     clients: list[Sensors | Cloud] = []
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     ok = False
     interrupted = False
     try:
@@ -491,13 +502,12 @@ def main(duration_s: float = 30.0, camera: bool = True) -> int:
         except (KeyboardInterrupt, Interrupted):
             interrupted = True
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the children's stop runs to its end
+            _hold_signals()  # the children's stop runs to its end
             for c in clients:
                 with contextlib.suppress(Exception):
                     c.close()
             for child in reversed(children):  # agent first, then the brokers
                 child.stop()
-            signal.signal(signal.SIGTERM, old)
             shutil.rmtree(data, ignore_errors=True)  # the stores; logs and configs stay
         # Stopped early, a clean summary is still a success: nothing sent was lost.
         success = (ok or interrupted) and lost == 0
@@ -530,6 +540,7 @@ def _finish(clients: list[Sensors | Cloud], drain_s: float, logs: Path) -> int:
     with cloud.lock:
         vib = cloud.vibration_n
     lost = max(0, sensors.acked_relay - relayed) + max(0, sensors.acked_vibration - vib)
+    _hold_signals()
     print()
     elapsed = time.monotonic() - cloud.started
     print(cloud.table(sensors.acked, elapsed, elapsed).split("\n", 1)[1])

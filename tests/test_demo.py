@@ -83,7 +83,8 @@ class Output:
 def test_a_stopped_demo_prints_a_clean_summary_exits_0_and_leaves_no_process_behind(
         sig: signal.Signals, tmp_path: Path) -> None:
     """Ctrl-C (or SIGTERM) once the table shows: what was sent arrives, the summary says
-    so, the exit code is 0, the logs are kept and every child is gone."""
+    so, the exit code is 0, the logs are kept and every child is gone. More of the same
+    signal once the summary shows (an impatient user) change none of that."""
     run = start_demo(120, tmp_path)
     out = Output(run)
     deadline = time.monotonic() + 30
@@ -94,6 +95,14 @@ def test_a_stopped_demo_prints_a_clean_summary_exits_0_and_leaves_no_process_beh
     assert processes_mentioning(str(logs)), "the demo's brokers and agent should be running"
     table_end = len(out.text())
     run.send_signal(sig)
+    deadline = time.monotonic() + 60
+    while "summary" not in out.text()[table_end:]:
+        assert time.monotonic() < deadline and run.poll() is None, out.text()
+        time.sleep(0.05)
+    while run.poll() is None:  # while it prints the summary and stops its children
+        assert time.monotonic() < deadline, out.text()
+        run.send_signal(sig)
+        time.sleep(0.05)
     code = run.wait(60)
     out.thread.join(10)
     text = out.text()

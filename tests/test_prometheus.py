@@ -47,16 +47,29 @@ def with_prometheus(cfg: Path, address: str) -> Path:
     return cfg
 
 
+def start_with_prometheus(tmp_path: Path, local: Broker,
+                          uplink: Broker) -> tuple[AgentProcess, int]:
+    """A ready agent serving /metrics on a free port (another may take it first: retried)."""
+    for attempt in range(3):
+        port = find_free_port()
+        cfg = with_prometheus(write_config(tmp_path / "agent.toml", local, uplink, RELAY),
+                              f"127.0.0.1:{port}")
+        agent = AgentProcess(cfg, log_name=f"agent-{attempt}.log")
+        try:
+            agent.wait_ready()
+            return agent, port
+        except AssertionError:
+            if attempt == 2 or "in use" not in agent.log():
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_a_scrape_counts_exactly_what_the_agent_relayed(
         tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
     """Pipeline in/out, the step histograms, the outbox and both connections, RSS: the same
     figures as the MQTT telemetry, and the agent still exits 0 on SIGTERM."""
-    port = find_free_port()
-    cfg = with_prometheus(write_config(tmp_path / "agent.toml", local_broker, uplink_broker,
-                                       RELAY), f"127.0.0.1:{port}")
     with Collector(uplink_broker.url, f"fog/{DEVICE}/sensors/#") as cloud:
-        agent = AgentProcess(cfg)
-        agent.wait_ready()
+        agent, port = start_with_prometheus(tmp_path, local_broker, uplink_broker)
         prime(local_broker, cloud, agent, "sensors/marker")
         publish_many(local_broker.url, "sensors/t", [f'{{"c": {i}}}' for i in range(N)])
         cloud.wait_for(N, topic=f"fog/{DEVICE}/sensors/t")

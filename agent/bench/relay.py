@@ -347,7 +347,8 @@ keepalive_interval 30
     ]
     print(f"{'figure':<58} {'value':>10} {'baseline':>16} {'ratio':>6} {'bar':>10}  result")
     for name, value, base, ratio_s, bar, ok in rows:
-        print(f"{name:<58} {value:>10} {base:>16} {ratio_s:>6} {bar:>10}  {'pass' if ok else 'FAIL'}")
+        verdict = "pass" if ok else "FAIL"
+        print(f"{name:<58} {value:>10} {base:>16} {ratio_s:>6} {bar:>10}  {verdict}")
     return 0 if all(r[5] for r in rows) else 1
 
 

@@ -108,3 +108,45 @@ def test_the_fast_key_property_encodes_like_the_general_one(value: str, name: st
         props[codec.MESSAGE_EXPIRY] = expiry
     props[codec.USER_PROPERTY] = ((name, value),)
     assert codec.key_properties(name, value, expiry) == codec.properties(props)
+
+
+def test_varint_refuses_what_four_bytes_cannot_hold() -> None:
+    """268,435,455 is the largest remaining length; above it (or below 0) nothing is written."""
+    assert codec.varint(268_435_455) == b"\xff\xff\xff\x7f"
+    for n in (268_435_456, 2**40, -1):
+        with pytest.raises(ValueError, match="variable byte integer"):
+            codec.varint(n)
+
+
+def test_a_field_longer_than_65535_bytes_is_a_value_error_not_a_struct_error() -> None:
+    with pytest.raises(ValueError, match="65,535"):
+        codec.publish("t" * 65_536, b"", 0, False, 0, v5=True)
+
+
+def test_a_v311_style_connack_to_an_mqtt_5_connect_is_a_refusal() -> None:
+    """NATS answers MQTT 5 with `20 02 00 01`: 0x84 Unsupported Protocol Version."""
+    assert codec.read_connack(b"\x00\x01", v5=True) == (False, 0x84, {})
+    assert codec.read_connack(b"\x00\x05", v5=True) == (False, 0x87, {})
+    assert codec.read_connack(b"\x00\x00", v5=True) == (False, 0x00, {})
+    with pytest.raises(codec.MalformedPacket):  # 0x01 is no MQTT 5 reason code
+        codec.read_connack(b"\x00\x01\x00", v5=True)
+
+
+def test_a_packet_over_the_maximum_is_refused_from_its_header_alone() -> None:
+    """The Maximum Packet Size counts the whole packet: header byte, length bytes, body."""
+    reader = codec.Reader(max_size=100)
+    assert reader.feed(bytes((0x30, 98)) + b"\x00\x01a" + b"x" * 95) != []  # 100 bytes
+    with pytest.raises(codec.ProtocolError) as refused:
+        reader.feed(bytes((0x30, 99)))  # 101 bytes announced, none of the body sent
+    assert refused.value.reason == 0x95
+
+
+def test_a_large_packet_in_small_pieces_comes_out_whole_once() -> None:
+    body = b"\x00\x03a/b" + bytes(range(256)) * 8192  # 2 MiB
+    stream = codec.publish("a/b", body[5:], 0, False, 0, v5=False) + codec.PINGREQ_BYTES
+    reader = codec.Reader()
+    got = []
+    for i in range(0, len(stream), 4096):
+        got += reader.feed(stream[i:i + 4096])
+    assert got == [(codec.PUBLISH, 0, body), (codec.PINGREQ, 0, b"")]
+    assert reader.buf == b""

@@ -257,11 +257,13 @@ class Reader:
             return []
         with memoryview(buf) as view:
             out, pos = self._split(view)
+            out = [(kind, flags, bytes(body)) for kind, flags, body in out]
         del buf[:pos]
         return out
 
-    def _split(self, buf: bytes | memoryview) -> tuple[list[tuple[int, int, bytes]], int]:
-        out: list[tuple[int, int, bytes]] = []
+    def _split(self, buf: Any) -> tuple[list[tuple[int, int, Any]], int]:
+        """Packets whole in `buf` (bodies sliced from it) and where the rest starts."""
+        out: list[tuple[int, int, Any]] = []
         pos = 0
         end = len(buf)
         self.need = 0
@@ -287,7 +289,7 @@ class Reader:
             if end - i < length:
                 self.need = size
                 break
-            out.append((first >> 4, first & 0x0F, bytes(buf[i:i + length])))
+            out.append((first >> 4, first & 0x0F, buf[i:i + length]))
             pos = i + length
         return out, pos
 
@@ -420,10 +422,8 @@ def read_publish(b: bytes, flags: int, *, v5: bool
         pos = 2 + n
         if pos > len(b):
             raise MalformedPacket(f"PUBLISH topic of {n} bytes runs past the packet's end")
-        try:  # a NUL is left to the topic name's own check (reason 0x90, not 0x81)
-            topic = bytes(b[2:pos]).decode()
-        except UnicodeDecodeError as exc:
-            raise MalformedPacket(f"the topic is not valid UTF-8: {exc.reason}") from None
+        # A NUL is left to the topic name's own check (reason 0x90, not 0x81).
+        topic = b[2:pos].decode()
         packet_id = 0
         if qos:
             (packet_id,) = struct.unpack_from("!H", b, pos)
@@ -438,7 +438,9 @@ def read_publish(b: bytes, flags: int, *, v5: bool
                 props, pos = read_properties(b, pos, PUBLISH)
     except (struct.error, IndexError) as exc:
         raise MalformedPacket(f"PUBLISH cut short: {exc}") from None
-    return topic, qos, packet_id, props, bytes(b[pos:])
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket(f"the topic is not valid UTF-8: {exc.reason}") from None
+    return topic, qos, packet_id, props, b[pos:]
 
 
 def read_ack(b: bytes) -> tuple[int, int]:

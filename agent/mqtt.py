@@ -222,11 +222,12 @@ class Connection:
             tries += 1
             try:
                 await self._connect_once()
+                connected_at = time.monotonic()
                 if tries > 1:
                     log.info("%s down %.0f s, %d attempts", self.name,
-                             time.monotonic() - down_since, tries)
+                             connected_at - down_since, tries)
                 self._last_refusal = ""
-                why = await self._serve(started)
+                why = await self._serve(connected_at)
                 down_since, tries = time.monotonic(), 0
             except ConnectError as exc:
                 why = str(exc)
@@ -343,7 +344,7 @@ class Connection:
             text += f'; broker refused MQTT 5; set protocol = "3.1.1" in [{self.name}]'
         return text
 
-    async def _serve(self, started: float) -> str:
+    async def _serve(self, connected_at: float) -> str:
         """Keep the connection alive until it closes; log and return why it closed."""
         proto = self._proto
         assert proto is not None
@@ -364,7 +365,7 @@ class Connection:
         if not self._stopping:
             self._say(logging.WARNING, f"lost:{why}", "%s: connection to %s lost: %s",
                       self.name, self.where, why)
-            self._note_takeover(proto, time.monotonic() - started)
+            self._note_takeover(proto, time.monotonic() - connected_at)
         return why
 
     def _note_takeover(self, proto: _Protocol, lasted_s: float) -> None:
@@ -447,10 +448,10 @@ class Connection:
         if flags:
             raise codec.MalformedPacket(f"packet type {kind} with reserved flags 0x{flags:X}")
         if kind == codec.PUBACK:
-            packet_id, reason = codec.read_ack(body)
+            packet_id, reason = codec.read_ack(body, v5=self.v5)
             cb = self._pending.pop(packet_id, None)
             if cb is not None:
-                cb(reason, codec.reason_name(reason))
+                self._published(proto, cb, reason)
         elif kind == codec.CONNACK:
             connack = codec.read_connack(body, v5=self.v5)
             if self._connack is None or self._connack.done():
@@ -471,6 +472,17 @@ class Connection:
         else:
             raise codec.ProtocolError(0x82, f"packet type {kind} is not for a client")
         return None
+
+    def _published(self, proto: _Protocol, cb: OnPublished, reason: int) -> None:
+        try:
+            cb(reason, codec.reason_name(reason))
+        except Exception:
+            # Whatever the owner recorded is in doubt: start over, and everything
+            # unacknowledged goes again (at least once).
+            self.counters.inc("handler_errors")
+            self._say(logging.ERROR, "published", "%s: the on_published callback failed; "
+                      "reconnecting", self.name, exc_info=True)
+            proto.fail("the on_published callback failed")
 
     def deliver(self, msg: Inbound) -> None:
         """Hand a message to the handler; its failure is its own, not the broker's."""

@@ -443,13 +443,13 @@ def read_publish(b: bytes, flags: int, *, v5: bool
     return topic, qos, packet_id, props, b[pos:]
 
 
-def read_ack(b: bytes) -> tuple[int, int]:
+def read_ack(b: bytes, *, v5: bool = True) -> tuple[int, int]:
     """PUBACK: (packet id, reason code; 0 when omitted)."""
     n = len(b)
     if n == 2:  # the hot path: a success with nothing else
         return struct.unpack("!H", b)[0], 0
-    if n < 2:
-        raise MalformedPacket(f"PUBACK of {n} bytes (at least 2)")
+    if n < 2 or not v5:
+        raise MalformedPacket(f"PUBACK of {n} bytes ({'at least ' if v5 else ''}2)")
     (packet_id,) = struct.unpack_from("!H", b, 0)
     if n > 3:
         _, end = read_properties(b, 3, PUBACK)

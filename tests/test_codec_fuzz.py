@@ -39,7 +39,7 @@ def decode(kind: int, flags: int, body: bytes, v5: bool) -> object:
     if kind == codec.CONNACK:
         return codec.read_connack(body, v5=v5)
     if kind == codec.PUBACK:
-        return codec.read_ack(body)
+        return codec.read_ack(body, v5=v5)
     if kind == codec.SUBACK:
         return codec.read_suback(body, v5=v5)
     if kind == codec.DISCONNECT:
@@ -50,7 +50,7 @@ def decode(kind: int, flags: int, body: bytes, v5: bool) -> object:
 READERS: dict[str, Callable[[bytes, int, bool], object]] = {
     "read_publish": lambda b, f, v5: codec.read_publish(b, f, v5=v5),
     "read_connack": lambda b, f, v5: codec.read_connack(b, v5=v5),
-    "read_ack": lambda b, f, v5: codec.read_ack(b),
+    "read_ack": lambda b, f, v5: codec.read_ack(b, v5=v5),
     "read_suback": lambda b, f, v5: codec.read_suback(b, v5=v5),
     "read_disconnect": lambda b, f, v5: codec.read_disconnect(b, v5=v5),
     "read_properties": lambda b, f, v5: codec.read_properties(b, 0, f or None),
@@ -328,4 +328,4 @@ def test_publish_decodes_as_paho_decodes_it(case: tuple[int, bytes, bool]) -> No
     topic, qos, packet_id, props, payload = ours
     assert topic.encode() == theirs.topic
     assert (qos, packet_id, payload) == (theirs.qos, theirs.mid, bytes(theirs.payload))
-    assert props == (paho_props(theirs.properties) or None if v5 else None)
+    assert (props or None) == (paho_props(theirs.properties) or None)

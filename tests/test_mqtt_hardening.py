@@ -515,6 +515,37 @@ def test_an_exception_from_the_message_callback_is_not_called_a_malformed_packet
     no_fatal_errors(caplog)
 
 
+def test_an_exception_from_an_on_published_callback_reconnects_instead_of_a_fatal_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What the owner recorded at that PUBACK is in doubt: a fresh connection makes it
+    send everything unacknowledged again (at least once), and nobody calls it malformed."""
+    def script(peer: Peer, n: int) -> None:
+        peer.handshake()
+        if n == 0:
+            pub = peer.expect(PUBLISH)
+            (n_topic,) = struct.unpack_from("!H", pub)
+            peer.send(packet(PUBACK << 4, pub[2 + n_topic:4 + n_topic]))
+        hold(peer)
+
+    def on_published(rc: int, name: str) -> None:
+        raise KeyError("bug in the owner")
+
+    with FakeBroker(script) as fake:
+        conn = Connection("uplink", broker_cfg(fake.url), "fogwhisk-dev1-uplink", Telemetry())
+
+        async def scenario() -> None:
+            async with running(conn):
+                await until(conn.connected.is_set, "connected")
+                conn.publish("fog/dev1/x", b"1", on_published=on_published)
+                await until(lambda: len(fake.peers) >= 2 and conn.connected.is_set(),
+                            "reconnected")
+
+        asyncio.run(scenario())
+    assert conn.counters.values["handler_errors"] == 1
+    assert not lines(caplog, "malformed")
+    no_fatal_errors(caplog)
+
+
 # -- 10. maximum packet size, both ways ---------------------------------------------------
 
 

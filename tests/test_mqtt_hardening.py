@@ -784,6 +784,30 @@ def test_two_clients_with_one_client_id_on_mosquitto_are_reported_as_a_session_t
         assert "two agents with device id twin?" in said(name)[0]
 
 
+def test_two_agents_with_one_device_id_each_say_so_instead_of_only_connection_closed(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
+    """The issue's scenario with two real agent processes: each names the takeover and the
+    device id, on both connections, and not on every one of the repeated takeovers."""
+    agents = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        agents.append(AgentProcess(write_config(tmp_path / name / "agent.toml", local_broker,
+                                                uplink_broker, RELAY)))
+    try:
+        for agent in agents:
+            for conn in ("local", "uplink"):
+                agent.wait_log(f"{conn}: the broker closed the connection right after connecting")
+    finally:
+        for agent in agents:
+            agent.stop()
+    for agent in agents:
+        log = agent.log()
+        for conn in ("local", "uplink"):
+            said = [ln for ln in log.splitlines() if f"{conn}: " in ln and "took the session" in ln]
+            assert said and all("two agents with device id dev-test?" in ln for ln in said), log
+            assert len(said) < log.count(f"{conn}: connected to"), log
+
+
 def test_every_close_names_its_reason(caplog: pytest.LogCaptureFixture) -> None:
     """The broker's DISCONNECT reason and reason string, or a plain close, are said."""
     def script(peer: Peer, n: int) -> None:

@@ -47,9 +47,10 @@ DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own defa
 # CONNACK, PUBACK, SUBACK and DISCONNECT; a broker drops their optional properties
 # rather than exceed it.
 ACKS_MAX_PACKET_BYTES = 65_536
-# One with a handler (the local bus) receives camera frames: a raw 4K BGR frame as
-# msgpack (24.9 MB) fits with room (broker-config/edge.conf lets 8 MiB through).
-MESSAGES_MAX_PACKET_BYTES = 32 * 2**20
+# One with a handler (the local bus) receives camera frames: the largest raw frame the
+# decode step takes without a memory budget (16 Mpx BGR, 48 MB, agent.frames) fits as
+# msgpack with room; a 256 MB announcement does not. `max_packet_bytes` sets it tighter.
+MESSAGES_MAX_PACKET_BYTES = 64 * 2**20
 KEEPALIVE_GRACE = 1.25  # keepalives without a complete packet before giving up
 TAKEOVER_STREAK = 3  # closes in a row right after connecting that mean a session takeover
 BURST_S = 10.0  # a repeated log line is said once per burst of this length

@@ -587,7 +587,7 @@ def test_both_connections_advertise_a_maximum_packet_size_fitting_what_they_rece
     sizes = {_client_id(b): _connect_props(b).MaximumPacketSize for b in connects}
     up, loc = sizes["fogwhisk-dev1-uplink"], sizes["fogwhisk-dev1-local"]
     assert up <= 65_536  # acknowledgements, and a CONNACK or DISCONNECT with properties
-    assert 3840 * 2160 * 3 < loc < 256 * 2**20  # a raw 4K frame fits, 256 MB does not
+    assert 16_000_000 * 3 < loc < 256 * 2**20  # decode's largest raw frame fits, 256 MB not
 
 
 def test_mosquitto_keeps_a_packet_above_our_maximum_from_us_and_the_connection_lives(

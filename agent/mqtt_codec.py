@@ -255,9 +255,13 @@ class Reader:
         buf += data
         if len(buf) < self.need:
             return []
-        with memoryview(buf) as view:
-            out, pos = self._split(view)
-            out = [(kind, flags, bytes(body)) for kind, flags, body in out]
+        try:
+            with memoryview(buf) as view:
+                out, pos = self._split(view)
+                out = [(kind, flags, bytes(body)) for kind, flags, body in out]
+        except MalformedPacket:
+            self.buf = bytearray()  # the old one may still be viewed from the traceback
+            raise
         del buf[:pos]
         return out
 

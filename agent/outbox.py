@@ -12,7 +12,10 @@ is counted as malformed on its pipeline and its input acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import operator
 import os
 import sqlite3
 import time
@@ -29,6 +32,7 @@ from agent.pipeline import Outgoing
 from agent.store import (
     BALLAST_BYTES,
     DB_NAME,
+    PAGE_BYTES,
     ROW_OVERHEAD,
     Evicted,
     Row,
@@ -45,11 +49,13 @@ T = TypeVar("T")
 DISK_CHECK_S = 1.0
 RETRY_S = 0.5
 SPLIT_ROWS = 64  # rows per transaction while recovering from a failed commit
+SHRINK_STEPS = 8  # incremental vacuum steps per commit while recovering
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
 OPEN_BUSY_S = 60.0  # how long a start waits for another process's lock on the file
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
 
 Done = Callable[[], None]
+_TOPIC, _PAYLOAD = operator.itemgetter(0), operator.itemgetter(1)  # Outgoing fields
 
 
 class Outbox:
@@ -121,10 +127,25 @@ class Outbox:
                 waited += RETRY_S
         self.lanes_on_disk = set(lanes)
         self._reserved = await self._call(self.store.reserve)
+        self._say_disk(self.store)
         self._peak = self.count
         self._publish_gauges()
         if self.count:
             log.info("outbox: %d messages (%d bytes) waiting from before", self.count, self.bytes)
+
+    def _say_disk(self, store: Store) -> None:
+        """At start: a reserve smaller than usual, or none, and a watermark past the disk."""
+        fs, reserve = store.fs_bytes, store.reserve_bytes
+        if reserve < BALLAST_BYTES:
+            what = f"a disk reserve of {reserve >> 10} kB (usually {BALLAST_BYTES >> 20} MB)" \
+                if reserve else "no disk reserve; a full disk may need space freed by hand"
+            log.warning("outbox: the file system at %s holds only %d kB: %s", self.path.parent,
+                        fs >> 10, what)
+        if self.cfg.min_free_bytes >= fs // 2:
+            log.warning("outbox: min_free_bytes (%d kB) is at least half of the %d kB file "
+                        "system at %s: on_full (%s) applies almost at once; lower it",
+                        self.cfg.min_free_bytes >> 10, fs >> 10, self.path.parent,
+                        self.cfg.on_full)
 
     # -- intake (loop thread) -------------------------------------------------
 
@@ -235,7 +256,14 @@ class Outbox:
         """
         interval = self.cfg.commit_interval_ms / 1000.0
         while True:
-            await self._wake.wait()
+            if self._split:
+                # Recovering from a full disk: look again every second even when idle, to
+                # give freed pages back and make the reserve again (`_low_disk`).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), DISK_CHECK_S)
+                self._low_disk()
+            else:
+                await self._wake.wait()
             if interval and len(self._inserts) < self.cfg.commit_max_rows:
                 await asyncio.sleep(interval)  # linger: a bigger group for one fsync
             self._wake.clear()
@@ -252,41 +280,31 @@ class Outbox:
         """Commit everything pending now; then acknowledge inputs and hand rows to the sender."""
         assert self.store is not None
         if self._split:
-            # After a failure (a full disk): fold the WAL into the file and truncate it,
-            # free space (deletes) in a transaction of its own, fold again; then insert
-            # in small batches. The WAL would otherwise keep its size until the next
-            # auto-checkpoint, which a full disk may never reach.
+            # After a failure (a full disk): give the reserve back to the file system, fold
+            # the WAL into the file and truncate it, free space (deletes) in transactions
+            # sized to the free disk, give freed pages back; then insert in small batches.
+            # The WAL would otherwise keep its size until the next auto-checkpoint, which a
+            # full disk may never reach.
             if await self._call(self.store.release):
-                log.error("outbox: the disk is full; released the %d MB reserve to recover. "
+                self._reserved = False
+                log.error("outbox: the disk is full; released the %d kB reserve to recover. "
                           "Free disk space: nothing is acknowledged until rows commit again.",
-                          BALLAST_BYTES >> 20)
+                          self.store.reserve_bytes >> 10)
             await self._run(self.store.checkpoint)
-            # Deletes in small transactions, each folded back and the WAL truncated: one
-            # big delete would grow the WAL by megabytes and fill the disk again.
-            dead = self._take_dead()
-            deletes = self._take_deletes()
-            while dead or deletes:
-                chunk, deletes = deletes[:SPLIT_ROWS], deletes[SPLIT_ROWS:]
-                try:
-                    await self._commit([], [], chunk, dead, 0, False)
-                except OutboxError:
-                    self._deletes = deletes + self._deletes  # the chunk is back in front too
-                    raise
-                dead = []
-                await self._run(self.store.checkpoint)
-        # Bounded batches; after a failure small ones, and only into pages deletes freed
-        # inside the file: the file must not grow while the disk is full.
+            await self._settle_in_chunks()
+            await self._shrink()
+        # Bounded batches (rows, and bytes: the WAL frames of one must fit in the disk
+        # reserve); after a failure small ones, only into pages deletes freed inside the
+        # file (it must not grow while the disk is full) and leaving disk for the WAL of
+        # the deletes that free more.
         limit = SPLIT_ROWS if self._split else self.cfg.commit_max_rows
         pending = self._inserts
         if self._split and pending:
             room = await self._call(self.store.free_bytes)
-            fits = 0
-            for o in pending[:limit]:
-                room -= 2 * (len(o.payload) + len(o.topic) + ROW_OVERHEAD)
-                if room < 0:
-                    break
-                fits += 1
-            limit = fits
+            spare = self._disk_free_now() - self.store.reserve_bytes // 2
+            limit = _fit(pending, limit, min(room // 2, spare // 4), 0)
+        elif len(pending) > 1:
+            limit = _fit(pending, limit, self.store.batch_bytes, 1)
         admit, evict = self._admit(pending[:limit])
         if limit and admit < min(len(pending), limit):
             # reject_new: hold the rest and its acks; the local broker keeps those inputs
@@ -299,7 +317,8 @@ class Outbox:
         durable = self._durable and bool(inserts)
         if inserts and not self._inserts:
             self._durable = False  # held rows keep their claim to FULL
-        deletes, dead = self._take_deletes(), self._take_dead()
+        # While the disk is full, deletes go only in the sized transactions above.
+        deletes, dead = ([], []) if self._split else (self._take_deletes(), self._take_dead())
         states, self._states = self._states, {}
         if not (inserts or deletes or dead or evict or states):
             for _, d in dones:
@@ -375,6 +394,43 @@ class Outbox:
             self._peak = 0
             await self.vacuum()
 
+    async def _settle_in_chunks(self) -> None:
+        """While the disk is full: deletes and dead letters in transactions sized to the
+        free disk, each folded back into the file (WAL truncated): one big delete would
+        grow the WAL by megabytes and fill the disk again. A failed chunk stays in front."""
+        assert self.store is not None
+        while self._deletes or self._dead:
+            row = max(64, self.bytes // max(1, self.count)) + ROW_OVERHEAD
+            n = max(1, min(SPLIT_ROWS, self._disk_free_now() // 4 // row))
+            chunk, self._deletes = self._deletes[:n], self._deletes[n:]
+            dead, self._dead = self._dead[:n], self._dead[n:]
+            await self._commit([], [], chunk, dead, 0, False)
+            await self._run(self.store.checkpoint)
+
+    def _disk_free_now(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0
+        return int(st.f_bavail * st.f_frsize)
+
+    async def _shrink(self) -> None:
+        """While recovering from a full disk: give the pages deletes freed back to the disk.
+
+        Otherwise the file keeps its high-water size, the disk stays full and the
+        reserve can never be made again. Keeps a few batches' worth for inserts.
+        """
+        store = self.store
+        assert store is not None
+        keep = 2 * store.batch_bytes
+        step = max(16, store.reserve_bytes // 4 // PAGE_BYTES)
+        try:
+            for _ in range(SHRINK_STEPS):
+                if not await self._call(lambda: store.shrink(keep, step)):
+                    break
+        except sqlite3.Error as exc:
+            log.warning("outbox: giving free pages back failed: %s", exc)
+
     def _evicted(self, evicted: list[Evicted]) -> None:
         total = 0
         avg = self.bytes // max(1, self.count)
@@ -424,12 +480,14 @@ class Outbox:
             try:
                 st = os.statvfs(self.path.parent)
                 self._disk_free = st.f_bavail * st.f_frsize
-                if not self._reserved and self._disk_free > 4 * BALLAST_BYTES \
-                        and self.store is not None:
+                store = self.store
+                if (self._split or not self._reserved) and store is not None and \
+                        self._disk_free > 2 * store.reserve_bytes + store.batch_bytes:
                     # Blocking but short: one fallocate once the disk has room again.
-                    self._reserved = self.store.reserve()
-                    if self._reserved and self._split:
-                        log.info("outbox: disk space is back; reserve restored")
+                    self._reserved = store.reserve()
+                    if self._split and (self._reserved or not store.reserve_bytes):
+                        log.info("outbox: disk space is back%s", "; reserve restored"
+                                 if self._reserved else "")
                         self._split = False
             except OSError:
                 self._disk_free = 1 << 62
@@ -478,3 +536,19 @@ def _by_whom(path: Path) -> str:
     """" (held by pid 123: sqlite3 outbox.db)", or "" when no holder is found."""
     found = holders(path)
     return f" (held by {', '.join(f'pid {pid}: {cmd}' for pid, cmd in found)})" if found else ""
+
+
+def _fit(pending: list[Outgoing], limit: int, budget: int, least: int) -> int:
+    """How many of the first `limit` rows fit in `budget` bytes on disk (at least `least`)."""
+    head = pending[:limit]
+    # The usual case, all of them, summed in C (the relay's hot path); else row by row.
+    if sum(map(len, map(_PAYLOAD, head))) + sum(map(len, map(_TOPIC, head))) \
+            + ROW_OVERHEAD * len(head) <= budget:
+        return len(head)
+    n = 0
+    for o in itertools.islice(pending, limit):
+        budget -= len(o.payload) + len(o.topic) + ROW_OVERHEAD
+        if budget < 0:
+            break
+        n += 1
+    return max(n, min(least, len(pending)))

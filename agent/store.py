@@ -39,8 +39,14 @@ SCHEMA_VERSION = 1
 ROW_OVERHEAD = 40  # bytes a row costs on disk beyond payload and topic, roughly
 # Reserved disk space, given up when the disk is full: a WAL cannot be checkpointed
 # (so no delete can commit) once the disk has no room left for the pages it moves.
+# Sized to the file system (an eighth of it, at most 8 MB; none below 64 kB), and the
+# WAL and each transaction are bounded by it, so that releasing it always lets the
+# checkpoint finish: an 8 MB reserve cannot exist on a 2 MB disk.
 BALLAST_NAME = "outbox.ballast"
 BALLAST_BYTES = 8 << 20
+RESERVE_FRACTION = 8
+RESERVE_FLOOR_BYTES = 64 << 10
+PAGE_BYTES = 4096  # SQLite's default page size, which the outbox keeps
 BUSY_TIMEOUT_MS = 1000  # SQLite's own wait for another process's lock, per statement
 
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
@@ -106,6 +112,8 @@ class Store:
         self.path = path
         self.cfg = cfg
         self._sync = ""
+        self.fs_bytes = 0
+        self.reserve_bytes = BALLAST_BYTES
         self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -117,8 +125,11 @@ class Store:
         """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.path.parent)
         except OSError as exc:
             raise self._unwritable(exc) from None
+        self.fs_bytes = st.f_blocks * st.f_frsize
+        self.reserve_bytes = reserve_for(self.fs_bytes)
         db: sqlite3.Connection | None = None
         try:
             db = self._connect()
@@ -164,7 +175,12 @@ class Store:
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only effective on a new file
         db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA journal_size_limit = 67108864")
+        # Committed WAL frames (at most this plus one transaction, `batch_bytes`) stay
+        # inside the reserve, so a checkpoint can finish once it is released; 4 MB
+        # (SQLite's default) on big disks.
+        wal_pages = max(16, min(1000, self.reserve_bytes // 2 // PAGE_BYTES))
+        db.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        db.execute(f"PRAGMA journal_size_limit = {wal_pages * PAGE_BYTES}")
         db.execute("PRAGMA cache_size = -8000")  # 8 MB page cache: RSS stays flat
         db.executescript(SCHEMA)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -322,15 +338,27 @@ class Store:
     def ballast(self) -> Path:
         return self.path.with_name(BALLAST_NAME)
 
+    @property
+    def batch_bytes(self) -> int:
+        """The most a transaction may write: its WAL frames must fit in the reserve."""
+        return max(64 << 10, self.reserve_bytes // 4)
+
     def reserve(self) -> bool:
-        """Keep BALLAST_BYTES of disk for recovering from a full disk; True if it is there."""
+        """Keep `reserve_bytes` of disk for recovering from a full disk; True if it is there.
+
+        A reserve of another size (an older agent's, another disk's) is resized.
+        """
         path = self.ballast
-        if path.exists():
-            return True
+        if not self.reserve_bytes:
+            path.unlink(missing_ok=True)
+            return False
         try:
+            if path.exists() and path.stat().st_size == self.reserve_bytes:
+                return True
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
-                os.posix_fallocate(fd, 0, BALLAST_BYTES)
+                os.ftruncate(fd, 0)
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
             finally:
                 os.close(fd)
             return True
@@ -346,15 +374,36 @@ class Store:
         except FileNotFoundError:
             return False
 
+    def shrink(self, keep_bytes: int, step_pages: int) -> int:
+        """Give up to `step_pages` free pages beyond `keep_bytes` back to the file system.
+
+        Small steps, each checkpointed: moving pages writes them to the WAL, which a
+        full disk has little room for. Returns the bytes given back.
+        """
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = min(step_pages, free - keep_bytes // PAGE_BYTES)
+        if pages <= 0:
+            return 0
+        # executescript steps it to the end; execute() would free a single page.
+        self.db.executescript(f"PRAGMA incremental_vacuum({pages});")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(pages) * PAGE_BYTES
+
     def vacuum(self) -> None:
         """Give freed pages back to the file system once the backlog drained."""
         free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         if free > 256:
-            self.db.execute("PRAGMA incremental_vacuum")
+            self.db.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         self.db.close()
+
+
+def reserve_for(fs_bytes: int) -> int:
+    """The disk reserve for a file system of `fs_bytes`: an eighth, 8 MB at most, else none."""
+    size = min(BALLAST_BYTES, fs_bytes // RESERVE_FRACTION)
+    return size if size >= RESERVE_FLOOR_BYTES else 0
 
 
 class _Corrupt(Exception):

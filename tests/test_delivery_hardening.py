@@ -8,6 +8,7 @@ of the hardening issue.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -19,12 +20,14 @@ from typing import Any
 import pytest
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
 from brokers import Broker
+from chaos.stream import Stream, received, verdict, wait_all
 from helpers import Collector, publish_many
+from proxy import Proxy
 
 from agent.config import OutboxConfig
 from agent.errors import ConfigError
 from agent.pipeline import Outgoing
-from agent.store import DB_NAME, Store
+from agent.store import BALLAST_BYTES, BALLAST_NAME, DB_NAME, Store, reserve_for
 
 MAX_TOPIC = 65535
 
@@ -339,3 +342,98 @@ def test_an_outbox_from_a_newer_agent_is_kept_and_refused_not_moved_aside(
     assert _count(tmp_path, "SELECT count(*) FROM rows") == WAITING
     assert _count(tmp_path, "SELECT v FROM meta WHERE k = 'schema'") == 2
     assert not list(tmp_path.glob(f"{DB_NAME}.corrupt-*"))
+
+
+# -- 3. a small disk recovers ----------------------------------------------------------
+
+PAYLOAD_BYTES = 2000
+
+
+def _outbox_telemetry(cloud: Collector, agent: AgentProcess, after: float) -> dict[str, Any]:
+    """The outbox counters of the first telemetry document the agent made after `after`."""
+    found: dict[str, Any] = {}
+
+    def fresh() -> bool:
+        for m in cloud.snapshot(f"fog/{DEVICE}/telemetry"):
+            doc = json.loads(m.payload)
+            if doc["ts"] > after:
+                found.update(doc.get("outbox", {}))
+                return True
+        return False
+    _until(fresh, "no telemetry", agent)
+    return found
+
+
+def test_the_disk_reserve_is_an_eighth_of_the_file_system_at_most_8_mb_none_when_tiny() -> None:
+    assert reserve_for(2 << 20) == 256 << 10
+    assert reserve_for(16 << 20) == 2 << 20
+    assert reserve_for(64 << 20) == reserve_for(32 << 30) == BALLAST_BYTES == 8 << 20
+    assert reserve_for(256 << 10) == 0  # a 32 kB reserve would help no one
+
+
+@pytest.mark.parametrize(("size", "crash"), [("2m", False), ("16m", False), ("2m", True)],
+                         ids=["2MB", "16MB", "2MB-kill-9-while-full"])
+def test_a_small_disk_filled_during_an_outage_drains_completely_once_the_uplink_is_back(
+        tmp_path: Path, local_broker: Broker, uplink_broker: Broker, size: str,
+        crash: bool) -> None:
+    """`data_dir` on a real tmpfs of 2 MB (too small for the usual 8 MB reserve) or 16 MB.
+    The uplink is down; readings arrive until the disk is full and commits fail (nothing
+    acknowledged: the local broker keeps the rest); in one case the agent is killed then
+    and started again on the full disk. Once the uplink is back every accepted reading
+    arrives, the outbox empties, `commit_errors` stops growing, and the disk reserve
+    (sized to the file system) is back for the next outage."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(data)],
+                   check=True)
+    proxy = Proxy(uplink_broker.port)
+    stream = Stream(local_broker.url, topic="sensors/fill", pad=b"x" * PAYLOAD_BYTES)
+    try:
+        cfg = write_config(tmp_path / "agent.toml", local_broker, proxy.url, RELAY,
+                           extra="[outbox]\nmin_free_bytes = 0",  # let the disk itself fill
+                           uplink_extra="keepalive_s = 2")
+        with Collector(uplink_broker.url, f"fog/{DEVICE}/#") as cloud:
+            agent = AgentProcess(cfg)
+            try:
+                agent.wait_ready()
+                prime(local_broker, cloud, agent, "sensors/marker")
+                _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0, "not primed",
+                       agent)
+                proxy.refuse()
+                proxy.cut()
+                deadline = time.monotonic() + 60
+                while "commit failed" not in agent.log():  # SQLITE_FULL: the disk is full
+                    assert time.monotonic() < deadline, agent.log()[-3000:]
+                    stream.publish(100)
+                    time.sleep(0.05)
+                stream.publish(300)  # more while the disk is full: held upstream
+                time.sleep(1.0)
+                assert agent.running
+                if crash:
+                    agent.kill()
+                    agent = AgentProcess(cfg, log_name="second.log")
+                    agent.wait_ready()
+                    time.sleep(1.0)
+                proxy.forward()
+                wait_all(cloud, DEVICE, stream.accepted, topic="sensors/fill", timeout_s=90)
+                _until(lambda: _count(data, "SELECT count(*) FROM rows") == 0,
+                       "the outbox never emptied", agent, timeout_s=30)
+                emptied = time.time()
+                errors = _outbox_telemetry(cloud, agent, emptied).get("commit_errors", 0)
+                later = _outbox_telemetry(cloud, agent, emptied + 3)  # three reports on
+                assert later.get("commit_errors", 0) == errors and later["backlog"] == 0
+                verdict(received(cloud, DEVICE, "sensors/fill"), stream.accepted,
+                        faults=3 if crash else 2, window=20)
+                # Back to normal: new readings flow and the reserve is there again.
+                stream.publish(10)
+                wait_all(cloud, DEVICE, stream.accepted, topic="sensors/fill")
+                st = os.statvfs(data)
+                reserve = data / BALLAST_NAME
+                _until(lambda: reserve.exists() and reserve.stat().st_size
+                       == reserve_for(st.f_blocks * st.f_frsize), "no reserve", agent)
+            finally:
+                assert agent.stop() == 0, agent.log()[-3000:]
+    finally:
+        stream.stop()
+        proxy.close()
+        subprocess.run(["umount", "-l", str(data)], check=True)

@@ -254,7 +254,8 @@ def test_an_unusable_database_is_moved_aside_loudly_and_a_fresh_one_starts(
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 32 MB tmpfs: SQLite hits SQLITE_FULL ('database or disk is full') on it.
 
-    Bigger than the outbox's 8 MB reserve plus SQLite's WAL at its auto-checkpoint (4 MB).
+    The outbox's disk reserve there is an eighth of it (4 MB); the WAL stays under half
+    of that (`agent.store.reserve_for`).
     """
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -15,10 +15,15 @@ TOPIC = "sensors/chaos"
 
 
 class Stream:
-    """Publishes n = 0, 1, 2, ... on `topic` (in a thread with `start`); records the PUBACKed."""
+    """Publishes n = 0, 1, 2, ... on `topic` (in a thread with `start`); records the PUBACKed.
 
-    def __init__(self, url: str, rate_hz: float = 400.0, topic: str = TOPIC) -> None:
+    `pad` makes each payload bigger ("n pad"); `received` reads the number back.
+    """
+
+    def __init__(self, url: str, rate_hz: float = 400.0, topic: str = TOPIC,
+                 pad: bytes = b"") -> None:
         self.url = url
+        self.pad = b" " + pad if pad else b""
         self.topic = topic
         self.rate_hz = rate_hz
         self.accepted: list[int] = []
@@ -31,7 +36,7 @@ class Stream:
     def publish(self, count: int) -> None:
         infos = []
         for _ in range(count):
-            info = self._client.publish(self.topic, str(self.next).encode(), 1)
+            info = self._client.publish(self.topic, str(self.next).encode() + self.pad, 1)
             infos.append((self.next, info))
             self.next += 1
         for n, info in infos:
@@ -57,7 +62,7 @@ class Stream:
 
 
 def received(cloud: Collector, device: str, topic: str = TOPIC) -> list[int]:
-    return [int(m.payload) for m in cloud.snapshot(f"fog/{device}/{topic}")]
+    return [int(m.payload.partition(b" ")[0]) for m in cloud.snapshot(f"fog/{device}/{topic}")]
 
 
 def wait_all(cloud: Collector, device: str, accepted: list[int], timeout_s: float = 60,

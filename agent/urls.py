@@ -7,9 +7,10 @@ from urllib.parse import urlsplit
 
 MASK = "***"
 
-# scheme://user:password@host — the password runs to the last @ before the host,
-# as urllib.parse reads it (a password may hold an @).
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"]*):([^\s/'\"]*)@")
+# scheme://user:password@host — the password runs to the last @ before the end of the
+# URL (a space or a quote), as a password may hold a raw @, / or ? that urllib would
+# split on. Masking too much (a path holding an @) is the safe way to be wrong.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"]*):([^\s'\"]*)@")
 
 
 def redact_url(url: str) -> str:

@@ -138,16 +138,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.config}: ok", file=sys.stderr)
         return EXIT_OK
     if args.command == "outbox":
-        from agent import outbox_cli
+        from agent.delivery import cli as outbox_cli
 
         data_dir = args.data_dir or str(config.load(args.config).data_dir)
         return outbox_cli.main(args.op, data_dir, limit=args.limit, dead=args.dead, yes=args.yes)
     if args.command == "status":
-        from agent import status_cli
+        from agent.cli import status as status_cli
 
         return status_cli.main(args.broker, args.device, args.prefix, args.timeout)
     if args.command == "demo":
-        from agent import demo
+        from agent.cli import demo
 
         return demo.main(duration_s=args.duration, camera=not args.no_camera)
     if args.command == "bench":

@@ -23,15 +23,17 @@ import signal
 import time
 from typing import Any
 
-from agent import __version__, systemd, topics
+from agent import __version__, systemd
 from agent.actions import registry
 from agent.config import Config, PipelineConfig
+from agent.delivery.outbox import Outbox
+from agent.delivery.uplink import Sender
 from agent.errors import AgentError
-from agent.mqtt import Connection, Inbound, Will
-from agent.outbox import Outbox
-from agent.pipeline import Action, ActionContext, Message, Pipeline
+from agent.messages import Message
+from agent.mqtt import topics
+from agent.mqtt.connection import Connection, Inbound, Will
+from agent.pipeline import Action, ActionContext, Pipeline
 from agent.telemetry import Telemetry
-from agent.uplink import Sender
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ class Agent:
             p.offer(msg, done if inbound.qos else None)
 
     async def _camera(self, p: Pipeline) -> None:
-        from agent import camera  # OpenCV is only imported when a camera is configured
+        from agent.vision import camera  # OpenCV is only imported when a camera is configured
 
         async for msg in camera.frames(p.cfg.trigger, self.cfg.camera, self.telemetry, p.name):
             if not self.accepting:

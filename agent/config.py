@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from agent import topics
 from agent.errors import ConfigError
+from agent.mqtt import topics
 from agent.schema import Duration, Seconds, Size, build, convert
 from agent.urls import redact_text, redact_url
 
@@ -609,7 +609,7 @@ def _check_tls(broker: BrokerConfig, where: str) -> None:
 
 
 def _check_runtimes(cfg: Config) -> None:
-    from agent import runtimes  # numpy: only for configs that run a model
+    from agent.vision import runtimes  # numpy: only for configs that run a model
 
     unknown = [r for r in cfg.runtime.fallback if r not in runtimes.RUNTIMES]
     if unknown:
@@ -620,7 +620,7 @@ def _check_runtimes(cfg: Config) -> None:
 def _check_model(cfg: Config, name: str, labels: tuple[str, ...], where: str) -> None:
     """The model `detect` would resolve (same store, same data dir), without hashing it."""
     from agent.errors import ModelError
-    from agent.models import ModelStore
+    from agent.vision.models import ModelStore
 
     try:
         ref = ModelStore(cfg.data_dir).resolve(name, check=False)

@@ -24,7 +24,7 @@ from paho.mqtt.exception import MalformedPacket as PahoMalformed
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import mqtt_codec as codec
+from agent.mqtt import codec
 
 # FOGWHISK_FUZZ=20 runs every property 20 times longer (a deep run, not for CI).
 DEPTH = int(os.environ.get("FOGWHISK_FUZZ", "1"))

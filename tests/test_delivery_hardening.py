@@ -25,9 +25,9 @@ from helpers import Collector, publish_many
 from proxy import Proxy
 
 from agent.config import OutboxConfig
+from agent.delivery.store import BALLAST_BYTES, BALLAST_NAME, DB_NAME, Store, reserve_for
 from agent.errors import ConfigError
-from agent.pipeline import Outgoing
-from agent.store import BALLAST_BYTES, BALLAST_NAME, DB_NAME, Store, reserve_for
+from agent.messages import Outgoing
 
 MAX_TOPIC = 65535
 

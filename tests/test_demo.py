@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import demo
+from agent.cli import demo
 
 
 def processes_mentioning(text: str) -> list[str]:

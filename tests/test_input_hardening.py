@@ -31,9 +31,10 @@ from agent.actions import publish, window
 from agent.actions.payload import fields, number
 from agent.config import CameraConfig, RuntimeConfig
 from agent.errors import PayloadError
-from agent.frames import Frame
-from agent.pipeline import ActionContext, Message, Outgoing
+from agent.messages import Message, Outgoing
+from agent.pipeline import ActionContext
 from agent.telemetry import Telemetry
+from agent.vision.frames import Frame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RSS_BOUND_KIB = 300 * 1024  # the agent's peak RSS with every hostile frame behind it

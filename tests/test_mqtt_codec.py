@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import mqtt_codec as codec
+from agent.mqtt import codec
 
 topics = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00+#"),
                  min_size=1, max_size=200)

@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import mqtt
 from agent.config import BrokerConfig
 from agent.errors import ConnectError
-from agent.mqtt import Connection, Inbound
+from agent.mqtt import connection as mqtt
+from agent.mqtt.connection import Connection, Inbound
 from agent.schema import Duration
 from agent.telemetry import Telemetry
 

@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import OutboxConfig
+from agent.delivery.outbox import Outbox
+from agent.delivery.store import DB_NAME, Row, Store, _ranges
 from agent.errors import OutboxError
-from agent.outbox import Outbox
-from agent.pipeline import Outgoing
-from agent.store import DB_NAME, Row, Store, _ranges
+from agent.messages import Outgoing
 from agent.telemetry import Telemetry
 
 
@@ -240,7 +240,7 @@ def test_an_unusable_database_is_moved_aside_loudly_and_a_fresh_one_starts(
         await h.outbox.flush()
         assert h.on_disk() == 1
 
-    with caplog.at_level(logging.ERROR, logger="agent.store"):
+    with caplog.at_level(logging.ERROR, logger="agent.delivery.store"):
         run_outbox(tmp_path, OutboxConfig(), body)
     assert any("IS CORRUPT" in r.getMessage() for r in caplog.records)
     aside = sorted(tmp_path.glob(f"{DB_NAME}.corrupt-*"))
@@ -255,7 +255,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 32 MB tmpfs: SQLite hits SQLITE_FULL ('database or disk is full') on it.
 
     The outbox's disk reserve there is an eighth of it (4 MB); the WAL stays under half
-    of that (`agent.store.reserve_for`).
+    of that (`agent.delivery.store.reserve_for`).
     """
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -8,7 +8,7 @@ import pytest
 
 from agent import config, service
 from agent.config import PROFILE_DIR, PROFILE_SECTIONS
-from agent.runtimes import RUNTIMES
+from agent.vision.runtimes import RUNTIMES
 
 PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import topics
+from agent.mqtt import topics
 
 LEVEL = st.sampled_from(["a", "b", "sensors", "", "$SYS", "x y", "ü"])
 TOPIC = st.lists(LEVEL, min_size=1, max_size=5).map("/".join)

@@ -4,7 +4,7 @@ Frames a `camera` trigger made pass through untouched. A corrupt, truncated
 or oversized image raises PayloadError: counted as malformed, dropped alone.
 
     max_pixels      largest frame decoded (0: derived from `service.memory_max`,
-                    see `agent.frames.max_pixels_for`; 16 Mpx without a budget)
+                    see `agent.vision.frames.max_pixels_for`; 16 Mpx without a budget)
     path_root       frame references (`file://`, `{"path"}`) are refused unless set;
                     then only regular files below it (after resolving symlinks)
     max_file_bytes  largest referenced file read
@@ -22,10 +22,17 @@ from typing import ClassVar
 import cv2
 
 from agent.errors import ConfigError
-from agent.frames import DEFAULT_MAX_FILE_BYTES, Frame, Limits, decode_payload, max_pixels_for
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
 from agent.schema import Size
 from agent.service import memory_bytes
+from agent.vision.frames import (
+    DEFAULT_MAX_FILE_BYTES,
+    Frame,
+    Limits,
+    decode_payload,
+    max_pixels_for,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,14 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from agent.decoders import concat, nms
-from agent.detector import Detection, Detector, Prepared, Region
 from agent.errors import ModelError, PayloadError
-from agent.frames import Frame
-from agent.models import ModelStore
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
+from agent.vision.decoders import concat
+from agent.vision.detector import Detection, Detector, Prepared, Region
+from agent.vision.frames import Frame
+from agent.vision.models import ModelStore
+from agent.vision.tensors import nms
 
 log = logging.getLogger(__name__)
 

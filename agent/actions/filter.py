@@ -10,7 +10,8 @@ from typing import Any, ClassVar, Literal
 
 from agent.actions.payload import fields
 from agent.errors import PayloadError
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
 
 Op = Literal["==", "!=", ">", ">=", "<", "<=", "in", "exists"]
 _OPS: dict[str, Callable[[Any, Any], bool]] = {

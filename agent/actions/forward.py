@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from agent.actions.outgoing import OutgoingParams, checked, fixed_parts
-from agent.pipeline import ActionContext, Message, Outgoing
+from agent.messages import Message, Outgoing
+from agent.pipeline import ActionContext
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """`motion`: a gate that passes only frames where something moved.
 
-Frigate-style (see `agent.motion`): one background model per source topic.
+Frigate-style (see `agent.vision.motion`): one background model per source topic.
 Frames without motion are dropped (counted as `frames_no_motion`); the
 others go on with `meta["motion"]`, boxes `[x0, y0, x1, y1]` normalised to
 the frame, and `latency_ms["motion"]`.
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from agent.errors import PayloadError
-from agent.frames import Frame
-from agent.motion import MotionDetector, MotionSettings
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
+from agent.vision.frames import Frame
+from agent.vision.motion import MotionDetector, MotionSettings
 
 
 @dataclass(frozen=True, slots=True)

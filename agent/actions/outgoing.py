@@ -1,6 +1,6 @@
 """What every step that sends a message upward takes: topic template, lane, TTL, QoS.
 
-Topics are checked where they are made (`agent.topics.validate_name`): a
+Topics are checked where they are made (`agent.mqtt.topics.validate_name`): a
 template whose own text can never make a valid topic name (a wildcard, NUL) is
 a config error; a topic that only the input makes invalid (a 65,530-byte
 sensor topic grows past 65,535 bytes under the prefix) is a `PayloadError`:
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent import topics
 from agent.errors import ConfigError, PayloadError
+from agent.mqtt import topics
 from agent.pipeline import ActionContext
 from agent.schema import Duration
 

@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 
 from agent.errors import PayloadError
-from agent.pipeline import Message
+from agent.messages import Message
 
 
 def fields(msg: Message) -> dict[str, Any]:
@@ -17,7 +17,7 @@ def fields(msg: Message) -> dict[str, Any]:
     if isinstance(msg.data, dict):
         return msg.data
     if msg.data is not None:
-        from agent.frames import Frame  # here: relays never load cv2; vision steps have
+        from agent.vision.frames import Frame  # here: relays never load cv2; vision steps have
 
         if isinstance(msg.data, Frame):
             raise PayloadError("a frame is not a reading (JSON object or msgpack map)")

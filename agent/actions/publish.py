@@ -25,7 +25,8 @@ import msgpack
 from agent.actions.outgoing import OutgoingParams
 from agent.actions.payload import fields, nonfinite
 from agent.errors import PayloadError
-from agent.pipeline import ActionContext, Message, Outgoing
+from agent.messages import Message, Outgoing
+from agent.pipeline import ActionContext
 
 ENVELOPE_VERSION = 1
 
@@ -77,7 +78,7 @@ class Publish:
 
 def _frame(msg: Message) -> dict[str, Any]:
     """What an event says about a frame: its motion boxes and size, no pixels."""
-    from agent.frames import Frame  # here: relays never load cv2; vision steps have
+    from agent.vision.frames import Frame  # here: relays never load cv2; vision steps have
 
     frame = msg.data
     if not isinstance(frame, Frame):

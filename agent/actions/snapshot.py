@@ -17,10 +17,11 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from agent.detector import Detection
-from agent.frames import Frame
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
 from agent.schema import Size
+from agent.vision.detector import Detection
+from agent.vision.frames import Frame
 
 
 @dataclass(frozen=True, slots=True)

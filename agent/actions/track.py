@@ -21,11 +21,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.decoders import iou_matrix
-from agent.detector import Detection
-from agent.frames import Frame
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
 from agent.schema import Duration
+from agent.vision.detector import Detection
+from agent.vision.frames import Frame
+from agent.vision.tensors import iou_matrix
 
 
 @dataclass(frozen=True, slots=True)

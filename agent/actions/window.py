@@ -19,7 +19,8 @@ import msgpack
 
 from agent.actions.payload import fields, number
 from agent.errors import PayloadError
-from agent.pipeline import ActionContext, Message
+from agent.messages import Message
+from agent.pipeline import ActionContext
 from agent.schema import Duration
 
 Agg = Literal["mean", "min", "max", "count", "sum", "last"]

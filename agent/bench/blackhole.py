@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from agent.bench.relay import Broker, _agent, _agent_config
-from agent.mqtt import free_port
+from agent.mqtt.connection import free_port
 
 KEEPALIVE_S = 2
 

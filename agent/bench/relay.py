@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agent.config import OutboxConfig
-from agent.mqtt import free_port
-from agent.pipeline import Outgoing
-from agent.store import DB_NAME, Store
+from agent.delivery.store import DB_NAME, Store
+from agent.messages import Outgoing
+from agent.mqtt.connection import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TEST_CONF = ROOT / "broker-config" / "test.conf"

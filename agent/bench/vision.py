@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 
 from agent.config import RuntimeConfig
-from agent.detector import Detector
-from agent.models import ModelStore, samples_dir
-from agent.motion import MotionDetector, MotionSettings
-from agent.mqtt import free_port
+from agent.mqtt.connection import free_port
+from agent.vision.detector import Detector
+from agent.vision.models import ModelStore, samples_dir
+from agent.vision.motion import MotionDetector, MotionSettings
 
 
 def load_frames(limit: int) -> list[np.ndarray]:

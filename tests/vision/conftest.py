@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from vision_util import make_ctx  # type: ignore[import-not-found]
 
-from agent.models import ModelStore, cache_dir
 from agent.pipeline import ActionContext
+from agent.vision.models import ModelStore, cache_dir
 
 
 @pytest.fixture(scope="session")

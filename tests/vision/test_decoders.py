@@ -12,15 +12,15 @@ from hypothesis.extra import numpy as hnp
 from vision_util import sample_image  # type: ignore[import-not-found]
 
 from agent.config import RuntimeConfig
-from agent.decoders import dequantize, iou_matrix, nms, raw_threshold
-from agent.decoders.anchors import make_anchors
-from agent.decoders.ssd_postprocess import Params as SsdParams
-from agent.decoders.ssd_postprocess import SsdPostprocessDecoder
-from agent.decoders.yolov8 import Params as YoloParams
-from agent.decoders.yolov8 import Yolov8Decoder
-from agent.detector import Detector
-from agent.models import ModelStore
-from agent.runtimes import TensorInfo
+from agent.vision.decoders import dequantize, raw_threshold
+from agent.vision.decoders.anchors import make_anchors
+from agent.vision.decoders.ssd_postprocess import Params as SsdParams
+from agent.vision.decoders.ssd_postprocess import SsdPostprocessDecoder
+from agent.vision.decoders.yolov8 import Params as YoloParams
+from agent.vision.decoders.yolov8 import Yolov8Decoder
+from agent.vision.detector import Detector
+from agent.vision.models import ModelStore
+from agent.vision.tensors import TensorInfo, iou_matrix, nms
 
 RUNTIME = RuntimeConfig(num_threads=1)
 

@@ -13,7 +13,7 @@ import cv2
 import pytest
 from helpers import Collector, publish_one  # type: ignore[import-not-found]
 
-from agent.models import samples_dir
+from agent.vision.models import samples_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,8 @@ from vision_util import make_ctx  # type: ignore[import-not-found]
 from agent.actions import decode
 from agent.config import ServiceConfig, from_dict
 from agent.errors import PayloadError
-from agent.frames import (
+from agent.service import memory_bytes
+from agent.vision.frames import (
     DEFAULT_MAX_PIXELS,
     Frame,
     Limits,
@@ -39,7 +40,6 @@ from agent.frames import (
     image_size,
     max_pixels_for,
 )
-from agent.service import memory_bytes
 
 PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] /
                                    "firmware-profiles").glob("*.toml"))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from vision_util import sample_image  # type: ignore[import-not-found]
 
 from agent.errors import PayloadError
-from agent.frames import Frame, Limits, decode_payload, encode_msgpack
+from agent.vision.frames import Frame, Limits, decode_payload, encode_msgpack
 
 
 def jpeg(img: np.ndarray) -> bytes:

@@ -13,11 +13,12 @@ from vision_util import sample_image, video_frames  # type: ignore[import-not-fo
 
 from agent.actions import decode, detect, motion, snapshot, track
 from agent.config import PipelineConfig, StepConfig, TriggerConfig
-from agent.detector import Detection
-from agent.frames import Frame
-from agent.motion import MotionDetector, MotionSettings
-from agent.pipeline import ActionContext, Message, Pipeline
+from agent.messages import Message
+from agent.pipeline import ActionContext, Pipeline
 from agent.telemetry import Telemetry
+from agent.vision.detector import Detection
+from agent.vision.frames import Frame
+from agent.vision.motion import MotionDetector, MotionSettings
 
 
 def jpeg_msg(img: np.ndarray, ts: float, topic: str = "cameras/a/jpeg") -> Message:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import runtimes
 from agent.errors import ModelError
-from agent.models import ModelStore
-from agent.runtimes.fake import FakeModel
 from agent.telemetry import Telemetry
+from agent.vision import runtimes
+from agent.vision.models import ModelStore
+from agent.vision.runtimes.fake import FakeModel
 
 
 def copy_model(store: ModelStore, tmp_path: Path, name: str = "face") -> tuple[Path, Path]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from agent.config import CameraConfig, RuntimeConfig
-from agent.models import samples_dir
 from agent.pipeline import ActionContext
 from agent.telemetry import Telemetry
+from agent.vision.models import samples_dir
 
 
 def sample_path(name: str) -> Path:

@@ -19,11 +19,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from agent import topics
+from agent.delivery.outbox import Outbox
+from agent.delivery.store import Row
 from agent.errors import ConnectError
-from agent.mqtt import Connection
-from agent.outbox import Outbox
-from agent.store import Row
+from agent.mqtt import topics
+from agent.mqtt.connection import Connection
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent import decoders, runtimes
 from agent.config import RuntimeConfig
-from agent.decoders import Decoded
 from agent.errors import ConfigError, ModelError
-from agent.models import InputSpec, Manifest, ModelRef
 from agent.schema import build
+from agent.vision import decoders, runtimes
+from agent.vision.decoders import Decoded
+from agent.vision.models import InputSpec, Manifest, ModelRef
 
 log = logging.getLogger(__name__)
 

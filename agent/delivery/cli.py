@@ -20,8 +20,8 @@ from typing import Any
 import sqlite_utils
 
 from agent.config import OutboxConfig
-from agent.pipeline import Outgoing
-from agent.store import DB_NAME, Store, holders
+from agent.delivery.store import DB_NAME, Store, holders
+from agent.messages import Outgoing
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 OPS = ("stats", "peek", "purge", "retry-dead")

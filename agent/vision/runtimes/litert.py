@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.runtimes._interpreter import InterpreterModel, open_interpreter
+from agent.vision.runtimes._interpreter import InterpreterModel, open_interpreter
 
 
 def load(path: Path, num_threads: int) -> InterpreterModel:

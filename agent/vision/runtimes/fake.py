@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelError
-from agent.runtimes import TensorInfo
+from agent.vision.tensors import TensorInfo
 
 Fn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 

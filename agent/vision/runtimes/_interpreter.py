@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelError
-from agent.runtimes import TensorInfo
+from agent.vision.tensors import TensorInfo
 
 
 def _info(d: dict[str, Any]) -> TensorInfo:

@@ -1,7 +1,7 @@
 """Store-and-forward: the durable middle of custody transfer, on the event loop's side.
 
 A message accepted from the local bus is acknowledged there only after the
-transaction holding everything it produced has committed (`agent.store`); a
+transaction holding everything it produced has committed (`agent.delivery.store`); a
 row is deleted only after the next hop acknowledged it with a success reason
 code. Group commit: the next batch gathers while the current one syncs.
 Bounds (bytes, count, free disk) apply `on_full`; every drop is counted.
@@ -25,11 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from agent import topics
 from agent.config import OutboxConfig
-from agent.errors import OutboxError
-from agent.pipeline import Outgoing
-from agent.store import (
+from agent.delivery.store import (
     BALLAST_BYTES,
     DB_NAME,
     PAGE_BYTES,
@@ -41,6 +38,9 @@ from agent.store import (
     disk_full,
     holders,
 )
+from agent.errors import OutboxError
+from agent.messages import Done, Outgoing
+from agent.mqtt import topics
 from agent.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
 OPEN_BUSY_S = 60.0  # how long a start waits for another process's lock on the file
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
 
-Done = Callable[[], None]
 _TOPIC, _PAYLOAD = operator.itemgetter(0), operator.itemgetter(1)  # Outgoing fields
 
 

@@ -19,38 +19,22 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from agent.errors import ModelError
+from agent.vision.tensors import TensorInfo
 
 log = logging.getLogger(__name__)
 
 RUNTIMES: dict[str, str] = {
-    "litert": "agent.runtimes.litert",
-    "tflite": "agent.runtimes.tflite",
-    "edgetpu": "agent.runtimes.edgetpu",
-    "fake": "agent.runtimes.fake",
+    "litert": "agent.vision.runtimes.litert",
+    "tflite": "agent.vision.runtimes.tflite",
+    "edgetpu": "agent.vision.runtimes.edgetpu",
+    "fake": "agent.vision.runtimes.fake",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One input or output tensor: name, shape, dtype and quantisation (scale 0: float)."""
-
-    name: str
-    index: int
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    scale: float = 0.0
-    zero_point: int = 0
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale != 0.0
 
 
 class Model(Protocol):

@@ -28,7 +28,7 @@ from agent.schema import build
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 MODELS_DIR = REPO / "models"
 FETCH_HINT = "run scripts/fetch-models"
 

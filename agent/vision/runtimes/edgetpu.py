@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.runtimes._interpreter import InterpreterModel, open_interpreter
+from agent.vision.runtimes._interpreter import InterpreterModel, open_interpreter
 
 LIBRARY = "libedgetpu.so.1"
 

@@ -21,9 +21,9 @@ from typing import Any
 import cv2
 
 from agent.config import CameraConfig, TriggerConfig
-from agent.frames import Frame
-from agent.pipeline import Message
+from agent.messages import Message
 from agent.telemetry import Telemetry
+from agent.vision.frames import Frame
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Literal
 
 import numpy as np
 
-from agent.decoders import EMPTY, Decoded, dequantize, nms, raw_threshold
 from agent.errors import ModelError
-from agent.runtimes import TensorInfo
+from agent.vision.decoders import EMPTY, Decoded, dequantize, raw_threshold
+from agent.vision.tensors import TensorInfo, nms
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import aiomqtt
 
-from agent import topics
+from agent.mqtt import topics
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.decoders import EMPTY, Decoded, by_role, dequantize
 from agent.errors import ModelError
-from agent.runtimes import TensorInfo
+from agent.vision.decoders import EMPTY, Decoded, by_role, dequantize
+from agent.vision.tensors import TensorInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The outbox's SQLite file: schema, compact rows, one transaction per group commit.
 
-Every method blocks and runs on the outbox's one writer thread (`agent.outbox`).
+Every method blocks and runs on the outbox's one writer thread (`agent.delivery.outbox`).
 
 - WAL; `synchronous` per transaction (FULL when it holds priority >= 1 rows).
 - Compact rows: a WITHOUT ROWID table clustered on (lane, id), topics and key
@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from agent.config import OutboxConfig
 from agent.errors import ConfigError
-from agent.pipeline import Outgoing
+from agent.messages import Outgoing
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.models import REPO, samples_dir
-from agent.mqtt import free_port
+from agent.mqtt.connection import free_port
+from agent.vision.models import REPO, samples_dir
 
 DEVICE = "demo-gw"
 ROOMS = ("kitchen", "office", "lab")

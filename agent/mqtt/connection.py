@@ -1,7 +1,7 @@
 """Broker connections on the asyncio loop: reconnect, birth and last will, manual acks.
 
 One `Connection` per broker, speaking MQTT 3.1.1 or 5 through
-`agent.mqtt_codec` on an asyncio transport (see the codec's docstring for
+`agent.mqtt.codec` on an asyncio transport (see the codec's docstring for
 why not paho on this path). What must survive a reconnect is held elsewhere:
 the broker's persistent session for input (fixed client id, no clean start,
 a session expiry), the outbox for output. So a connection keeps no state
@@ -30,10 +30,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent import mqtt_codec as codec
-from agent import topics
 from agent.config import BrokerConfig
 from agent.errors import ConnectError
+from agent.mqtt import codec, topics
 from agent.telemetry import Telemetry
 from agent.urls import redact_url
 
@@ -48,7 +47,7 @@ DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own defa
 # rather than exceed it.
 ACKS_MAX_PACKET_BYTES = 65_536
 # One with a handler (the local bus) receives camera frames: the largest raw frame the
-# decode step takes without a memory budget (16 Mpx BGR, 48 MB, agent.frames) fits as
+# decode step takes without a memory budget (16 Mpx BGR, 48 MB, agent.vision.frames) fits as
 # msgpack with room; a 256 MB announcement does not. `max_packet_bytes` sets it tighter.
 MESSAGES_MAX_PACKET_BYTES = 64 * 2**20
 KEEPALIVE_GRACE = 1.25  # keepalives without a complete packet before giving up

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import ModelError
-from agent.runtimes._interpreter import InterpreterModel, open_interpreter
+from agent.vision.runtimes._interpreter import InterpreterModel, open_interpreter
 
 INSTALL = "pip install 'fogwhisk[tflite]' (tflite-runtime==2.14.0 with numpy<2, in its own venv)"
 

@@ -5,7 +5,9 @@
     ├── PayloadError       a message payload that an action cannot read
     ├── ConnectError       a broker refused or dropped the connection
     ├── OutboxError        the store-and-forward database cannot be used
-    └── ModelError         a model file, manifest or runtime is unusable
+    ├── ModelError         a model file, manifest or runtime is unusable
+    └── OtaError           an over-the-air model update cannot go on
+        └── ReleaseError   a release document or artifact fails a check (its `reason`)
 """
 
 
@@ -31,3 +33,15 @@ class OutboxError(AgentError):
 
 class ModelError(AgentError):
     """Raised when a model file, its manifest or its runtime cannot be used."""
+
+
+class OtaError(AgentError):
+    """Raised when an over-the-air model update cannot go on (the active model keeps running)."""
+
+
+class ReleaseError(OtaError):
+    """Raised when a release document or its artifact fails a check; `reason` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

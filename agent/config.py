@@ -226,6 +226,28 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OtaConfig:
+    """Over-the-air model updates (agent/ota): on when trusted public keys are given."""
+
+    keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM) whose signatures count
+    threshold: int = 1  # signatures from this many distinct trusted keys
+    max_model_bytes: Size = Size(64 * 10**6)
+    probation: Duration = Duration(600)  # unless the release's policy names its own
+    trial_timeout: Duration = Duration(60)
+
+    def __post_init__(self) -> None:
+        if self.keys and not 1 <= self.threshold <= len(self.keys):
+            raise ValueError(f"threshold: must lie within 1 and the {len(self.keys)} keys given")
+        if self.max_model_bytes <= 0 or self.probation < 0 or self.trial_timeout <= 0:
+            raise ValueError("max_model_bytes and trial_timeout must be positive, "
+                             "probation not negative")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
 class TriggerConfig:
     """What feeds a pipeline: a local topic filter, a camera the agent reads, or a timer."""
 
@@ -275,6 +297,7 @@ class Config:
     camera: CameraConfig = field(default_factory=CameraConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
     source: str = "<memory>"
 
@@ -310,7 +333,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
         if not isinstance(profile_name, str):
             raise ConfigError(f"{where}: device.profile: expected a string")
         raw = overlay(load_profile(profile_name, base_dir, where), raw)
-    known = {"device", "local", "uplink", "pipeline", *PROFILE_SECTIONS}
+    known = {"device", "local", "uplink", "pipeline", "ota", *PROFILE_SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -409,6 +432,7 @@ def _beside(cfg: Config, base_dir: Path) -> Config:
 
     return replace(cfg, device=replace(cfg.device, data_dir=at(cfg.device.data_dir)),
                    local=broker(cfg.local), uplink=broker(cfg.uplink),
+                   ota=replace(cfg.ota, keys=tuple(at(k) for k in cfg.ota.keys)),
                    pipelines=tuple(pipeline(p) for p in cfg.pipelines))
 
 

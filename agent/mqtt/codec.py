@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
+PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 
 # Property identifiers (MQTT 5 section 2.2.2.2) and their wire types.
 MESSAGE_EXPIRY, SESSION_EXPIRY, RECEIVE_MAXIMUM = 0x02, 0x11, 0x21
@@ -216,6 +217,22 @@ def subscribe(packet_id: int, filters: tuple[tuple[str, int], ...], *, v5: bool)
     for topic_filter, qos in filters:
         body += _str(topic_filter) + bytes((min(qos, 1),))
     return _packet((SUBSCRIBE << 4) | 0x02, body)
+
+
+def unsubscribe(packet_id: int, filters: tuple[str, ...], *, v5: bool) -> bytes:
+    body = struct.pack("!H", packet_id) + (b"\x00" if v5 else b"")
+    for topic_filter in filters:
+        body += _str(topic_filter)
+    return _packet((UNSUBSCRIBE << 4) | 0x02, body)
+
+
+def read_unsuback(b: bytes, *, v5: bool) -> tuple[int, list[int]]:
+    """(packet id, one reason code per filter; MQTT 3.1.1 carries none: an empty list)."""
+    if not v5:
+        if len(b) != 2:
+            raise MalformedPacket(f"MQTT 3.1.1 UNSUBACK of {len(b)} bytes (2)")
+        return struct.unpack("!H", b)[0], []
+    return read_suback(b, v5=True)
 
 
 PINGREQ_BYTES = bytes((PINGREQ << 4, 0))

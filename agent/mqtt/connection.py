@@ -80,6 +80,7 @@ class Inbound:
 
 
 OnPublished = Callable[[int, str], None]  # (reason code, reason name)
+Handler = Callable[[Inbound], None]
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float) -> float:
@@ -204,6 +205,10 @@ class Connection:
         self._next_id = 0
         self._connack: asyncio.Future[tuple[bool, int, dict[int, Any]]] | None = None
         self._suback: asyncio.Future[list[int]] | None = None
+        # Subscriptions added at run time (`subscribe`): filter -> (QoS, handler). Sent
+        # again at each connect with the fixed ones; their messages go to their handler.
+        self._routes: dict[str, tuple[int, Handler]] = {}
+        self._acks: dict[int, asyncio.Future[list[int]]] = {}  # (UN)SUBACKs awaited, by id
         self._last_refusal = ""
         self._stopping = False
         self._ssl: ssl.SSLContext | None = None
@@ -304,7 +309,7 @@ class Connection:
         self.server_receive_maximum = server.get(codec.RECEIVE_MAXIMUM,
                                                  DEFAULT_RECEIVE_MAXIMUM)
         self.server_max_packet = server.get(codec.MAXIMUM_PACKET_SIZE, 0)
-        if self.subscriptions:
+        if self.subscriptions or self._routes:
             await self._subscribe(proto)
         if self.birth is not None:
             b = self.birth()
@@ -321,7 +326,8 @@ class Connection:
 
     async def _subscribe(self, proto: _Protocol) -> None:
         self._suback = asyncio.get_running_loop().create_future()
-        proto.send(codec.subscribe(self._packet_id(), self.subscriptions, v5=self.v5))
+        subscriptions = self.subscriptions + tuple((f, q) for f, (q, _) in self._routes.items())
+        proto.send(codec.subscribe(self._packet_id(), subscriptions, v5=self.v5))
         waits: list[asyncio.Future[Any]] = [self._suback, proto.lost]
         done, _ = await asyncio.wait(waits,
                                      timeout=float(self.cfg.connect_timeout_s),
@@ -329,7 +335,7 @@ class Connection:
         if self._suback not in done:
             why = proto.lost.result() if proto.lost.done() else "no SUBACK"
             raise ConnectError(f"{self.where}: {why}")
-        for (topic_filter, _), code in zip(self.subscriptions, self._suback.result(),
+        for (topic_filter, _), code in zip(subscriptions, self._suback.result(),
                                            strict=False):
             if code >= 0x80:  # a refused subscription is a config problem; say which
                 log.error("%s: %s refused the subscription to %r: %s", self.name,
@@ -439,7 +445,7 @@ class Connection:
                 raise codec.ProtocolError(0x9B, f"QoS 2 on {topic[:80]!r}: we subscribe "
                                                 "at QoS 1 at most")
             self.counters.inc("received")
-            if self.on_message is None:
+            if self.on_message is None and not self._routes:
                 if qos:
                     proto.send(codec.puback(packet_id))
                 return None
@@ -458,9 +464,18 @@ class Connection:
                 raise codec.ProtocolError(0x82, "a CONNACK on an open connection")
             self._connack.set_result(connack)
         elif kind == codec.SUBACK:
-            _, codes = codec.read_suback(body, v5=self.v5)
-            if self._suback is not None and not self._suback.done():
+            packet_id, codes = codec.read_suback(body, v5=self.v5)
+            waiter = self._acks.pop(packet_id, None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(codes)
+            elif self._suback is not None and not self._suback.done():
                 self._suback.set_result(codes)
+        elif kind == codec.UNSUBACK:
+            packet_id, codes = codec.read_unsuback(body, v5=self.v5)
+            waiter = self._acks.pop(packet_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(codes)
         elif kind == codec.DISCONNECT:
             reason, text = codec.read_disconnect(body, v5=self.v5)
             proto.broker_reason = reason
@@ -486,14 +501,74 @@ class Connection:
 
     def deliver(self, msg: Inbound) -> None:
         """Hand a message to the handler; its failure is its own, not the broker's."""
-        assert self.on_message is not None
+        handler = self.on_message
+        if self._routes:
+            handler = self._route(msg.topic) or handler
+        if handler is None:  # a run-time subscription already removed: nobody wants it
+            self.counters.inc("unrouted")
+            msg.ack()
+            return
         try:
-            self.on_message(msg)
+            handler(msg)
         except Exception:
             # Not acknowledged: the broker delivers it again on the next connection.
             self.counters.inc("handler_errors")
             self._say(logging.ERROR, "handler", "%s: the message handler failed on %r; "
                       "left unacknowledged", self.name, msg.topic[:80], exc_info=True)
+
+    def _route(self, topic: str) -> Handler | None:
+        for topic_filter, (_, handler) in self._routes.items():
+            if topics.matches(topic_filter, topic):
+                return handler
+        return None
+
+    # -- subscriptions at run time -----------------------------------------------
+
+    async def subscribe(self, filters: tuple[tuple[str, int], ...], handler: Handler) -> None:
+        """Subscribe to `filters` (topic filter, QoS) now and at every later connect;
+        their messages go to `handler` (which acks them), not to `on_message`.
+
+        Returns once the broker granted them, or at once while disconnected (they go out
+        with the next CONNECT). Raises ConnectError naming the filter the broker refused
+        (that one is not kept). On a connection without `on_message` give
+        `max_packet_bytes` room for the largest message expected.
+        """
+        for topic_filter, _ in filters:
+            topics.validate_filter(topic_filter)
+        for topic_filter, qos in filters:
+            self._routes[topic_filter] = (qos, handler)
+        codes = await self._request(lambda pid: codec.subscribe(pid, filters, v5=self.v5))
+        refused = [(f, c) for (f, _), c in zip(filters, codes, strict=False) if c >= 0x80]
+        for topic_filter, _ in refused:
+            self._routes.pop(topic_filter, None)
+        if refused:
+            f, c = refused[0]
+            raise ConnectError(f"{self.name}: {self.where} refused the subscription to {f!r}: "
+                               f"{codec.reason_name(c)} (0x{c:02X})")
+
+    async def unsubscribe(self, filters: tuple[str, ...]) -> None:
+        """Drop run-time subscriptions; messages already on their way are acked unread."""
+        for topic_filter in filters:
+            self._routes.pop(topic_filter, None)
+        await self._request(lambda pid: codec.unsubscribe(pid, filters, v5=self.v5))
+
+    async def _request(self, packet: Callable[[int], bytes]) -> list[int]:
+        """Send a SUBSCRIBE or UNSUBSCRIBE on the open connection and await its ack; []
+        when there is none (the next connect subscribes from `_routes` anyway)."""
+        proto = self._proto
+        if proto is None or proto.lost.done():
+            return []
+        packet_id = self._packet_id()
+        waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._acks[packet_id] = waiter
+        try:
+            proto.send(packet(packet_id))
+            waits: list[asyncio.Future[Any]] = [waiter, proto.lost]
+            await asyncio.wait(waits, timeout=float(self.cfg.connect_timeout_s),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._acks.pop(packet_id, None)
+        return waiter.result() if waiter.done() else []
 
     def violation(self, proto: _Protocol, exc: codec.MalformedPacket) -> None:
         """The broker broke the protocol: count it, disconnect with the reason, start over."""
@@ -518,7 +593,8 @@ class Connection:
     def _packet_id(self) -> int:
         for _ in range(65535):
             self._next_id = self._next_id % 65535 + 1
-            if self._next_id not in self._pending:
+            if self._next_id not in self._pending and not (
+                    self._acks and self._next_id in self._acks):
                 return self._next_id
         raise ConnectError(f"{self.name}: all 65535 packet identifiers are in flight")
 

@@ -7,7 +7,8 @@
     ├── OutboxError        the store-and-forward database cannot be used
     ├── ModelError         a model file, manifest or runtime is unusable
     └── OtaError           an over-the-air model update cannot go on
-        └── ReleaseError   a release document or artifact fails a check (its `reason`)
+        ├── ReleaseError   a release document or artifact fails a check (its `reason`)
+        └── FetchError     an artifact download failed, stalled or sent bad bytes
 """
 
 
@@ -41,6 +42,15 @@ class OtaError(AgentError):
 
 class ReleaseError(OtaError):
     """Raised when a release document or its artifact fails a check; `reason` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FetchError(OtaError):
+    """Raised when an artifact download fails, stalls, or sends more or other bytes than
+    the signed release names; `reason` is one line."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -100,7 +100,7 @@ class Agent:
                 device=self.device, prefix=self.prefix, pipeline=pcfg.name, step=i,
                 data_dir=self.cfg.data_dir, runtime=self.cfg.runtime, camera=self.cfg.camera,
                 boot_id=self.boot_id, telemetry=self.telemetry, next_seq=seq.__next__,
-                service=self.cfg.service)
+                service=self.cfg.service, models_dir=self.cfg.models_dir)
             spec = registry.lookup(step.action, f"pipeline {pcfg.name} step {i}")
             actions.append(spec.build(step.params, ctx))
         p = Pipeline(pcfg, actions, self.telemetry, self.outbox.submit,

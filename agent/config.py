@@ -1,7 +1,7 @@
 """The agent's configuration: one TOML file, validated once, frozen.
 
-A firmware profile (`device.profile`, a file in `firmware-profiles/`) holds
-board defaults for the `runtime`, `camera`, `outbox`, `service` and
+A firmware profile (`device.profile`, a file in `agent/firmware-profiles/`,
+shipped as package data) holds board defaults for the `runtime`, `camera`, `outbox`, `service` and
 `telemetry` sections; the agent file overrides them key by key.
 """
 
@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from agent import resources
 from agent.errors import ConfigError
 from agent.mqtt import topics
 from agent.schema import Duration, Seconds, Size, build, convert
 from agent.urls import redact_text, redact_url
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware-profiles"
+PROFILE_DIR = resources.path("firmware-profiles")
 PROFILE_SECTIONS = ("runtime", "camera", "outbox", "service", "telemetry")
 
 
@@ -248,6 +249,17 @@ class OtaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    """Where fetched and OTA-installed model files live (`Config.models_dir`)."""
+
+    dir: str | None = None  # default: <data_dir>/models; relative: from the config's directory
+
+    def __post_init__(self) -> None:
+        if self.dir is not None and not self.dir.strip():
+            raise ValueError("dir: must not be empty (leave it out for <data_dir>/models)")
+
+
+@dataclass(frozen=True, slots=True)
 class TriggerConfig:
     """What feeds a pipeline: a local topic filter, a camera the agent reads, or a timer."""
 
@@ -298,12 +310,18 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
     source: str = "<memory>"
 
     @property
     def data_dir(self) -> Path:
         return Path(self.device.data_dir)
+
+    @property
+    def models_dir(self) -> Path:
+        """Fetched and OTA-installed models: `[models] dir`, default `<data_dir>/models`."""
+        return Path(self.models.dir) if self.models.dir is not None else self.data_dir / "models"
 
     def client_id(self, which: Literal["local", "uplink"]) -> str:
         broker = self.local if which == "local" else self.uplink
@@ -333,7 +351,7 @@ def from_dict(raw: dict[str, Any], where: str = "<memory>", base_dir: Path | Non
         if not isinstance(profile_name, str):
             raise ConfigError(f"{where}: device.profile: expected a string")
         raw = overlay(load_profile(profile_name, base_dir, where), raw)
-    known = {"device", "local", "uplink", "pipeline", "ota", *PROFILE_SECTIONS}
+    known = {"device", "local", "uplink", "pipeline", "ota", "models", *PROFILE_SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -433,6 +451,7 @@ def _beside(cfg: Config, base_dir: Path) -> Config:
     return replace(cfg, device=replace(cfg.device, data_dir=at(cfg.device.data_dir)),
                    local=broker(cfg.local), uplink=broker(cfg.uplink),
                    ota=replace(cfg.ota, keys=tuple(at(k) for k in cfg.ota.keys)),
+                   models=replace(cfg.models, dir=maybe(cfg.models.dir)),
                    pipelines=tuple(pipeline(p) for p in cfg.pipelines))
 
 
@@ -642,12 +661,12 @@ def _check_runtimes(cfg: Config) -> None:
 
 
 def _check_model(cfg: Config, name: str, labels: tuple[str, ...], where: str) -> None:
-    """The model `detect` would resolve (same store, same data dir), without hashing it."""
+    """The model `detect` would resolve: same store, same models dir, same sha256 check."""
     from agent.errors import ModelError
     from agent.vision.models import ModelStore
 
     try:
-        ref = ModelStore(cfg.data_dir).resolve(name, check=False)
+        ref = ModelStore(models_dir=cfg.models_dir).resolve(name)
     except ModelError as exc:
         raise ConfigError(f"{where}.model: {exc}") from None
     missing = [label for label in labels if label not in ref.manifest.labels]

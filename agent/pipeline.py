@@ -40,6 +40,7 @@ class ActionContext:
     telemetry: Telemetry
     next_seq: Callable[[], int]  # per-pipeline event sequence
     service: ServiceConfig = field(default_factory=ServiceConfig)  # memory_max sizes decode
+    models_dir: Path | None = None  # fetched and OTA models (Config.models_dir); None: data_dir's
 
 
 @runtime_checkable

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from agent import resources
 from agent.config import OutboxConfig
 from agent.delivery.store import DB_NAME, Store
 from agent.messages import Outgoing
 from agent.mqtt.connection import free_port
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-TEST_CONF = ROOT / "broker-config" / "test.conf"
+TEST_CONF = resources.path("broker-config", "test.conf")
 PAYLOAD = b"x" * 100  # one line for mosquitto_pub -l (which strips the newline)
 TOPIC = "sensors/bench"
 

@@ -44,8 +44,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import resources
 from agent.mqtt.connection import free_port
-from agent.vision.models import REPO, samples_dir
+from agent.vision.models import samples_dir
 
 DEVICE = "demo-gw"
 ROOMS = ("kitchen", "office", "lab")
@@ -53,7 +54,7 @@ VIBRATION_HZ = 50.0
 START_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 15.0
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-CONF_DIR = REPO / "broker-config"
+CONF_DIR = resources.path("broker-config")
 PR_SET_PDEATHSIG = 1
 KEEP_RUNS = 5  # log directories kept, this run's included
 RUN_NAME = re.compile(r"\d{8}-\d{6}(-\d+)?")  # what new_log_dir makes, and all prune touches

@@ -15,12 +15,15 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from agent.config import CameraConfig, PipelineConfig, RuntimeConfig, ServiceConfig
 from agent.errors import PayloadError
 from agent.messages import Done, Message, Outgoing
 from agent.telemetry import Telemetry
+
+if TYPE_CHECKING:  # relays never load the vision stack
+    from agent.vision.hub import ModelHub
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class ActionContext:
     next_seq: Callable[[], int]  # per-pipeline event sequence
     service: ServiceConfig = field(default_factory=ServiceConfig)  # memory_max sizes decode
     models_dir: Path | None = None  # fetched and OTA models (Config.models_dir); None: data_dir's
+    models: ModelHub | None = None  # the agent's live models (hot swap); None: the step's own
 
 
 @runtime_checkable

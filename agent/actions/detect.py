@@ -8,13 +8,16 @@ whole frame. The message goes on with `data = {"type": "detection",
 "detections": [...], "model": {name, version}}`, the frame in
 `meta["frame"]` and `latency_ms["infer"]`. A model that cannot load or
 raises fails the message alone; loading is retried every `runtime.reprobe_s`.
+
+The model comes from the agent's `ModelHub` (`ctx.models`): read once per
+frame and kept for both stages of that frame, so an over-the-air update
+swaps it between two frames; each event names the version that made it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,13 +25,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from agent.errors import ModelError, PayloadError
+from agent.errors import PayloadError
 from agent.messages import Message
 from agent.pipeline import ActionContext
 from agent.vision.decoders import concat
 from agent.vision.detector import Detection, Detector, Prepared, Region
 from agent.vision.frames import Frame
-from agent.vision.models import ModelStore
+from agent.vision.hub import ModelHub
 from agent.vision.tensors import nms
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ def square_regions(boxes: Sequence[Sequence[float]], width: int, height: int, mi
 
 
 PREPARED = "_detect_prepared"  # meta keys between the two stages
+DETECTOR = "_detect_detector"
 PREPARE_MS = "_detect_prepare_ms"
 
 
@@ -89,33 +93,15 @@ class Detect:
     def __init__(self, params: Params, ctx: ActionContext) -> None:
         self.p = params
         self.ctx = ctx
-        self.store = ModelStore(ctx.data_dir)
         self.counters = ctx.telemetry.pipeline(ctx.pipeline)
-        self.detector: Detector | None = None
-        self.error: str | None = None
-        self._next_try = 0.0
-        self._lock = threading.Lock()
-        self._load()
+        hub = ctx.models if ctx.models is not None else ModelHub(ctx.data_dir, ctx.runtime,
+                                                                   ctx.telemetry)
+        self.slot = hub.slot(params.model, ctx.pipeline)
 
-    def _load(self) -> None:
-        try:
-            self.detector = Detector(self.store.resolve(self.p.model), self.ctx.runtime,
-                                     self.ctx.telemetry)
-            self.error = None
-        except ModelError as exc:
-            # The agent keeps running (status degraded): retry later, fail messages meanwhile.
-            self.error = str(exc)
-            self._next_try = time.monotonic() + float(self.ctx.runtime.reprobe_s)
-            self.ctx.telemetry.component("runtime").values["degraded"] = 1
-            log.error("pipeline %s: model %s unusable: %s", self.ctx.pipeline, self.p.model, exc)
-
-    def _ready(self) -> Detector:
-        with self._lock:
-            if self.detector is None and time.monotonic() >= self._next_try:
-                self._load()
-            if self.detector is None:
-                raise ModelError(f"model {self.p.model!r} unusable: {self.error}")
-            return self.detector
+    @property
+    def detector(self) -> Detector | None:
+        """The detector the next frame runs on (None while the model cannot load)."""
+        return self.slot.detector
 
     def regions(self, det: Detector, frame: Frame, motion: Any) -> list[Region] | None:
         if self.p.crops == "frame" or (self.p.crops == "auto" and not motion):
@@ -155,19 +141,25 @@ class Detect:
         frame = msg.data if isinstance(msg.data, Frame) else msg.meta.get("frame")
         if not isinstance(frame, Frame):
             raise PayloadError("detect needs a frame: put a decode step first")
-        det = self._ready()
+        det = self.slot.current()  # this frame's model, whatever a swap does meanwhile
         t0 = time.perf_counter()
         prepared = self.prepare(det, frame, msg.meta.get("motion"))
-        return (msg.evolve(meta={**msg.meta, "frame": frame, PREPARED: prepared,
+        return (msg.evolve(meta={**msg.meta, "frame": frame, DETECTOR: det, PREPARED: prepared,
                                  PREPARE_MS: (time.perf_counter() - t0) * 1000.0}),)
 
     def infer_stage(self, msg: Message) -> Sequence[Message]:
-        det = self._ready()
         meta = dict(msg.meta)
+        det: Detector = meta.pop(DETECTOR)
         prepared: list[Prepared] = meta.pop(PREPARED)
         t0 = time.perf_counter()
-        found = self.finish(det, prepared)
-        ms = meta.pop(PREPARE_MS) + (time.perf_counter() - t0) * 1000.0
+        try:
+            found = self.finish(det, prepared)
+        except Exception:
+            self.slot.record(det, ok=False)
+            raise
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        self.slot.record(det, ok=True, ms=infer_ms)
+        ms = meta.pop(PREPARE_MS) + infer_ms
         self.counters.observe("infer", ms)
         self.counters.inc("frames_inferred")
         if not found and not self.p.pass_empty:
@@ -181,8 +173,8 @@ class Detect:
         return [out for m in self.prepare_stage(msg) for out in self.infer_stage(m)]
 
     def close(self) -> None:
-        if self.detector is not None:
-            self.detector.close()
+        if self.slot.detector is not None:
+            self.slot.detector.close()
 
 
 def build(params: Params, ctx: ActionContext) -> Detect:

@@ -24,9 +24,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.errors import OtaError
+from agent.errors import ModelError, OtaError
 from agent.ota.state import ModelState, from_json, to_json
-from agent.vision.models import ModelRef
+from agent.vision.models import ModelRef, read_manifest, verify
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,17 @@ class VersionStore:
 
     def previous(self, name: str) -> int | None:
         return self._pointer(name, "previous")
+
+    def ref(self, name: str, version: int) -> ModelRef:
+        """An installed version's manifest and sha256-verified file (OtaError otherwise)."""
+        d = self.version_dir(name, version)
+        try:
+            manifest = read_manifest(d / "manifest.toml")
+            path = d / manifest.file
+            verify(manifest, path)
+        except (ModelError, OSError) as exc:
+            raise OtaError(f"model {name} version {version}: {exc}") from exc
+        return ModelRef(manifest, path, d)
 
     def versions(self, name: str) -> list[int]:
         root = self.model_dir(name) / "versions"

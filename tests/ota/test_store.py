@@ -18,7 +18,7 @@ from agent.errors import OtaError
 from agent.ota import store as store_mod
 from agent.ota.state import Installed, ModelState, Update
 from agent.ota.store import VersionStore
-from agent.vision.models import MODELS_DIR, ModelStore
+from agent.vision.models import ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "shapes-ssd"
@@ -27,7 +27,7 @@ NAME = "shapes-ssd"
 def release_dir(tmp: Path, version: int) -> Path:
     """models/shapes-ssd as an extracted release of `version`."""
     d = tmp / f"release-{version}"
-    shutil.copytree(MODELS_DIR / NAME, d)
+    shutil.copytree(ModelStore().manifest_dir(NAME), d)
     manifest = d / "manifest.toml"
     manifest.write_text(manifest.read_text().replace("version = 1", f"version = {version}", 1))
     return d

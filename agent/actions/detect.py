@@ -32,6 +32,7 @@ from agent.vision.decoders import concat
 from agent.vision.detector import Detection, Detector, Prepared, Region
 from agent.vision.frames import Frame
 from agent.vision.hub import ModelHub
+from agent.vision.models import ModelStore
 from agent.vision.tensors import nms
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ class Detect:
         self.p = params
         self.ctx = ctx
         self.counters = ctx.telemetry.pipeline(ctx.pipeline)
-        hub = ctx.models if ctx.models is not None else ModelHub(ctx.data_dir, ctx.runtime,
-                                                                   ctx.telemetry)
+        hub = ctx.models if ctx.models is not None else ModelHub(
+            ModelStore(ctx.data_dir, models_dir=ctx.models_dir), ctx.runtime, ctx.telemetry)
         self.slot = hub.slot(params.model, ctx.pipeline)
 
     @property

@@ -1,17 +1,18 @@
 """Model versions on disk, and the update state beside them, power-loss safe.
 
-    <data_dir>/models/<name>/versions/<version>/   manifest.toml, model file, goldens
-    <data_dir>/models/<name>/active                the version that runs (what ModelStore reads)
-    <data_dir>/models/<name>/previous              the fallback
-    <data_dir>/ota/<name>.json                     the update state (agent.ota.state)
-    <data_dir>/ota/incoming/                       downloads and extractions in progress
+    <models_dir>/<name>/versions/<version>/   manifest.toml, model file, goldens
+    <models_dir>/<name>/active                the version that runs (what ModelStore reads)
+    <models_dir>/<name>/previous              the fallback
+    <data_dir>/ota/<name>.json                the update state (agent.ota.state)
+    <data_dir>/ota/incoming/                  downloads and extractions in progress
 
-Every change is a new file or directory made complete and synced under a
-temporary name, then renamed into place, then the directory synced: a
-kill -9 or a power cut at any point leaves either the old or the new
-version, never a half-written one. `active` is always renamed last, so it
-only ever names a complete version directory. `recover()` at start removes
-what an interrupted step left behind.
+(`<models_dir>` is `[models] dir`, default `<data_dir>/models`.) Every change
+is a new file or directory made complete and synced under a temporary name,
+then renamed into place, then the directory synced: a kill -9 or a power cut
+at any point leaves either the old or the new version, never a half-written
+one. `active` is always renamed last, so it only ever names a complete
+version directory. `recover()` at start removes what an interrupted step
+left behind.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def _copy_synced(src: Path, dest: Path) -> None:
 class VersionStore:
     """Installs, switches and prunes versions of models under one data dir."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.models_dir = data_dir / "models"
+    def __init__(self, data_dir: Path, models_dir: Path | None = None) -> None:
+        self.models_dir = models_dir if models_dir is not None else data_dir / "models"
         self.ota_dir = data_dir / "ota"
         self.incoming = self.ota_dir / "incoming"
 

@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.config import RuntimeConfig
@@ -100,9 +99,8 @@ class Slot:
 class ModelHub:
     """Every live model of the agent, by name."""
 
-    def __init__(self, data_dir: Path | None, runtime: RuntimeConfig,
-                 telemetry: Any, store: ModelStore | None = None) -> None:
-        self.store = store if store is not None else ModelStore(data_dir)
+    def __init__(self, store: ModelStore, runtime: RuntimeConfig, telemetry: Any) -> None:
+        self.store = store
         self.runtime = runtime
         self.telemetry = telemetry
         self.slots: dict[str, list[Slot]] = {}

@@ -52,7 +52,7 @@ def test_a_swap_while_frames_stream_drops_no_frame_and_versions_only_move_forwar
     data = tmp_path / "data"
     vs = two_versions(data, tmp_path)
     telemetry = Telemetry()
-    hub = ModelHub(data, RuntimeConfig(num_threads=1), telemetry)
+    hub = ModelHub(ModelStore(data), RuntimeConfig(num_threads=1), telemetry)
     outs: dict[str, list[Outgoing]] = {"a": [], "b": []}
     pipes = []
     for name in outs:
@@ -102,7 +102,7 @@ def test_a_failing_model_is_counted_against_its_own_version(tmp_path: Path) -> N
     never count against the previous version, nor the other way round."""
     data = tmp_path / "data"
     two_versions(data, tmp_path)
-    hub = ModelHub(data, RuntimeConfig(num_threads=1), Telemetry())
+    hub = ModelHub(ModelStore(data), RuntimeConfig(num_threads=1), Telemetry())
     slot = hub.slot(NAME, "p")
     det = slot.current()
     slot.record(det, ok=True, ms=3.0)

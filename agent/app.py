@@ -70,6 +70,7 @@ class Agent:
             birth=lambda: Will(self.status_topic, self._status_doc(self.state)),
             on_connected=self._uplink_up, on_lost=self._uplink_lost, clean_start=False)
         self.sender: Sender | None = None
+        self.models: Any = None  # agent.vision.hub.ModelHub once a detect step needs it
 
     # -- building --------------------------------------------------------------
 
@@ -95,12 +96,18 @@ class Agent:
     def _build_pipeline(self, pcfg: PipelineConfig) -> Pipeline:
         seq = itertools.count(1)
         actions: list[Action] = []
+        if self.models is None and any(s.action == "detect" for s in pcfg.steps):
+            from agent.vision.hub import ModelHub  # numpy and OpenCV: only for models
+            from agent.vision.models import ModelStore
+
+            self.models = ModelHub(ModelStore(self.cfg.data_dir, models_dir=self.cfg.models_dir),
+                                   self.cfg.runtime, self.telemetry)
         for i, step in enumerate(pcfg.steps):
             ctx = ActionContext(
                 device=self.device, prefix=self.prefix, pipeline=pcfg.name, step=i,
                 data_dir=self.cfg.data_dir, runtime=self.cfg.runtime, camera=self.cfg.camera,
                 boot_id=self.boot_id, telemetry=self.telemetry, next_seq=seq.__next__,
-                service=self.cfg.service, models_dir=self.cfg.models_dir)
+                service=self.cfg.service, models_dir=self.cfg.models_dir, models=self.models)
             spec = registry.lookup(step.action, f"pipeline {pcfg.name} step {i}")
             actions.append(spec.build(step.params, ctx))
         p = Pipeline(pcfg, actions, self.telemetry, self.outbox.submit,

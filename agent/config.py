@@ -7,6 +7,7 @@ shipped as package data) holds board defaults for the `runtime`, `camera`, `outb
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import ssl
@@ -602,9 +603,11 @@ def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def preflight(cfg: Config) -> None:
     """What `run` needs from this machine, checked before it starts (and by check-config).
 
-    TLS files that load, models that are known and fetched (with the labels a step
-    asks for), runtimes that exist, video files that exist. Kept out of `load` so
-    that `fogwhisk outbox` and the unit writer work before certificates arrive.
+    TLS files that load, models that are known and fetched with the sha256 their
+    manifest names (and the labels a step asks for), runtimes that exist, video files
+    that exist, OpenCV for a camera. Kept out of `load` so that `fogwhisk outbox` and
+    the unit writer work before certificates arrive. A missing model stops `run`
+    here with exit 2, which systemd does not restart (RestartPreventExitStatus=2).
     """
     for which in ("local", "uplink"):
         broker: BrokerConfig = getattr(cfg, which)
@@ -616,6 +619,10 @@ def preflight(cfg: Config) -> None:
         cam = p.trigger.camera
         if cam is not None and _is_file_source(cam) and not os.path.isfile(cam):
             raise ConfigError(f"{where}.trigger.camera: no video file {cam}")
+        if cam is not None and importlib.util.find_spec("cv2") is None:
+            raise ConfigError(f"{where}.trigger.camera: reading a camera needs OpenCV, which "
+                              "this install lacks: install fogwhisk[vision] "
+                              "(pip install 'fogwhisk[vision]')")
         detects += [(f"{where}.steps[{k}] (detect)", s.params)
                     for k, s in enumerate(p.steps) if s.action == "detect"]
     if detects:

@@ -84,6 +84,10 @@ FLOWS: dict[str, Flow] = {
 }
 USER_FLOW = Flow(_kinds("any"), "any", "")
 
+# What `fogwhisk[vision]` installs (import names), and the built-ins that need it.
+VISION_PACKAGES = frozenset({"numpy", "cv2", "ai_edge_litert"})
+VISION_ACTIONS = frozenset({"decode", "motion", "detect", "track", "snapshot"})
+
 
 def flow(name: str) -> Flow:
     """What action `name` takes and gives; user actions take and give anything."""
@@ -115,6 +119,10 @@ def _import(module_path: str, name: str, where: str) -> ModuleType:
     try:
         return importlib.import_module(module_path)
     except ImportError as exc:
+        if (exc.name or "").partition(".")[0] in VISION_PACKAGES:
+            raise ConfigError(f"{where}: action {name!r} needs the vision stack, which this "
+                              f"install lacks ({exc.name}): install fogwhisk[vision] "
+                              "(pip install 'fogwhisk[vision]')") from exc
         raise ConfigError(
             f"{where}: action {name!r} needs the package {exc.name!r}: pip install {exc.name}"
         ) from exc

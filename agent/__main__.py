@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
                     help="how long to wait for the retained documents (default: 3)")
 
-    model = sub.add_parser("model", help="models: fetch pretrained model files")
+    model = sub.add_parser("model", help="models: fetch files; sign and push OTA releases")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     fetch = msub.add_parser(
         "fetch", help="put pretrained model files into the models directory",
@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--wheel", help="use this wheel file instead of downloading one")
     fetch.add_argument("--downloads", help="keep downloaded wheels in this directory and "
                        "reuse them (default: a temporary directory)")
+    from agent.ota import cli as ota_cli  # signed OTA releases: keygen, pack, sign, push, status
+
+    ota_cli.add_parsers(msub)
 
     demo = sub.add_parser("demo", help="a self-contained tour on this machine")
     demo.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
@@ -186,6 +189,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.cli import status as status_cli
 
         return status_cli.main(args.broker, args.device, args.prefix, args.timeout)
+    if args.command == "model" and args.model_command != "fetch":
+        from agent.ota import cli as ota_cli
+
+        return ota_cli.main(args)
     if args.command == "model":
         from pathlib import Path
 

@@ -107,24 +107,26 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_keys(paths: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
+def load_public_keys(paths: Sequence[Path], where: str = "ota.keys"
+                     ) -> dict[str, Ed25519PublicKey]:
     """The device's trusted keys by keyid; a file that is no Ed25519 public key is a
-    ConfigError naming it (the agent refuses to start rather than trust nothing)."""
+    ConfigError naming `where` and the file (the agent refuses to start rather than
+    trust nothing)."""
     keys: dict[str, Ed25519PublicKey] = {}
     for path in paths:
-        where = f"ota.keys: {path}"
+        here = f"{where}: {path}"
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
+            raise ConfigError(f"{here}: cannot read: {exc.strerror}") from exc
         if b"PRIVATE KEY" in data:
-            raise ConfigError(f"{where} is a private key: give devices the .pub file only")
+            raise ConfigError(f"{here} is a private key: give devices the .pub file only")
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: not a public key in PEM") from exc
+            raise ConfigError(f"{here}: not a public key in PEM") from exc
         if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"{where}: a {type(key).__name__}, not an Ed25519 public key")
+            raise ConfigError(f"{here}: a {type(key).__name__}, not an Ed25519 public key")
         keys[keyid(key)] = key
     return keys
 
@@ -147,6 +149,11 @@ def cosign(doc: Mapping[str, Any], private_key: Ed25519PrivateKey) -> dict[str, 
     mine = _signature(doc["signed"], private_key)
     others = [s for s in doc.get("signatures", []) if s.get("keyid") != mine["keyid"]]
     return {**doc, "signatures": [*others, mine]}
+
+
+def dump(doc: Mapping[str, Any]) -> bytes:
+    """A release document as written to disk and published: indented, sorted, UTF-8."""
+    return (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
 # --- the verified release ---------------------------------------------------------------

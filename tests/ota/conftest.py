@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from ota_util import NOW, SHAPES, Keys, Packed, make_keys  # type: ignore[import-not-found]
 
-from agent.ota import artifact
+from agent.ota import pack as packing
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +29,5 @@ def third_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 @pytest.fixture
 def packed(tmp_path: Path, ota_keys: Keys) -> Packed:
     """shapes-ssd packed as version 2, signed by `ota_keys`, at NOW."""
-    tar, release_json = artifact.pack(SHAPES, 2, tmp_path / "out", ota_keys.private, now=NOW)
+    tar, release_json = packing.pack(SHAPES, 2, tmp_path / "out", ota_keys.private, now=NOW)
     return Packed(tar, release_json, release_json.read_bytes())

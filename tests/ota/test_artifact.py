@@ -19,6 +19,7 @@ from ota_util import MAX, NOW, SHAPES, Keys, Packed  # type: ignore[import-not-f
 
 from agent.errors import OtaError, ReleaseError
 from agent.ota import artifact, release
+from agent.ota import pack as packing
 from agent.vision.models import CATALOG, read_manifest, sha256_file
 
 
@@ -85,12 +86,12 @@ def test_packing_twice_gives_identical_bytes_whatever_the_files_times_and_modes(
         tmp_path: Path, ota_keys: Keys) -> None:
     copy = tmp_path / "shapes-ssd"
     shutil.copytree(SHAPES, copy)
-    first = artifact.pack(copy, 5, tmp_path / "a", ota_keys.private, now=NOW)
+    first = packing.pack(copy, 5, tmp_path / "a", ota_keys.private, now=NOW)
     for path in copy.rglob("*"):
         os.utime(path, (1, 1_000_000))
         if path.is_file():
             path.chmod(0o600)
-    second = artifact.pack(copy, 5, tmp_path / "b", ota_keys.private, now=NOW)
+    second = packing.pack(copy, 5, tmp_path / "b", ota_keys.private, now=NOW)
     assert first[0].read_bytes() == second[0].read_bytes()
     assert first[1].read_bytes() == second[1].read_bytes()
 
@@ -103,7 +104,7 @@ def test_the_version_line_is_found_however_it_is_written(
     assert "version = 1\n" in text
     (copy / "manifest.toml").write_text(
         text.replace("version = 1\n", '  "version"  =  1   # the first one\n'))
-    tar, _ = artifact.pack(copy, 12, tmp_path / "out", ota_keys.private, now=NOW)
+    tar, _ = packing.pack(copy, 12, tmp_path / "out", ota_keys.private, now=NOW)
     dest = tmp_path / "x"
     artifact.extract(tar, dest, max_total_bytes=MAX)
     assert read_manifest(dest / "manifest.toml") == dataclasses.replace(
@@ -120,7 +121,7 @@ def test_a_golden_from_the_samples_cache_travels_inside_the_artifact(
     shutil.copytree(SHAPES, copy)
     with open(copy / "manifest.toml", "a") as f:
         f.write('\n[[golden]]\ninput = "sample:shapes.png"\nnone_above = 0.9\n')
-    tar, release_json = artifact.pack(copy, 3, tmp_path / "out", ota_keys.private, now=NOW)
+    tar, release_json = packing.pack(copy, 3, tmp_path / "out", ota_keys.private, now=NOW)
     dest = tmp_path / "x"
     artifact.extract(tar, dest, max_total_bytes=MAX)
     r = release.parse_and_verify(release_json.read_bytes(), topic_name="shapes-ssd",
@@ -133,7 +134,7 @@ def test_a_golden_from_the_samples_cache_travels_inside_the_artifact(
 
 def test_pack_signs_with_every_key_given(tmp_path: Path, ota_keys: Keys,
                                          other_keys: Keys) -> None:
-    _, release_json = artifact.pack(SHAPES, 2, tmp_path, [ota_keys.private, other_keys.private],
+    _, release_json = packing.pack(SHAPES, 2, tmp_path, [ota_keys.private, other_keys.private],
                                     now=NOW)
     r = release.parse_and_verify(
         release_json.read_bytes(), topic_name="shapes-ssd", threshold=2, max_bytes=MAX, now=NOW,
@@ -143,7 +144,7 @@ def test_pack_signs_with_every_key_given(tmp_path: Path, ota_keys: Keys,
 
 def test_pack_writes_the_expiry_and_policy_it_is_given(tmp_path: Path, ota_keys: Keys) -> None:
     policy = release.Policy(max_latency_ratio=1.25, probation_s=120.0, min_golden_recall=1.0)
-    _, release_json = artifact.pack(SHAPES, 2, tmp_path, ota_keys.private, expires_s=3600,
+    _, release_json = packing.pack(SHAPES, 2, tmp_path, ota_keys.private, expires_s=3600,
                                     policy=policy, now=NOW)
     signed = json.loads(release_json.read_bytes())["signed"]
     assert signed["expires"] == "2030-01-01T13:00:00Z"
@@ -193,7 +194,7 @@ def test_pack_refuses_a_model_directory_it_cannot_vouch_for(
         words: str) -> None:
     model_dir = _model_dir(tmp_path, edit)
     with pytest.raises(ReleaseError) as info:
-        artifact.pack(model_dir, 2, tmp_path / "out", ota_keys.private, now=NOW)
+        packing.pack(model_dir, 2, tmp_path / "out", ota_keys.private, now=NOW)
     assert words in one_line(info)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -201,9 +202,9 @@ def test_pack_refuses_a_model_directory_it_cannot_vouch_for(
 def test_pack_refuses_a_version_below_one_and_a_non_positive_expiry(
         tmp_path: Path, ota_keys: Keys) -> None:
     with pytest.raises(ReleaseError, match="version"):
-        artifact.pack(SHAPES, 0, tmp_path, ota_keys.private, now=NOW)
+        packing.pack(SHAPES, 0, tmp_path, ota_keys.private, now=NOW)
     with pytest.raises(ReleaseError, match="expir"):
-        artifact.pack(SHAPES, 2, tmp_path, ota_keys.private, expires_s=0, now=NOW)
+        packing.pack(SHAPES, 2, tmp_path, ota_keys.private, expires_s=0, now=NOW)
 
 
 def test_pack_takes_the_fetched_file_from_the_model_cache(
@@ -214,7 +215,7 @@ def test_pack_takes_the_fetched_file_from_the_model_cache(
     shutil.copy(SHAPES / "shapes-ssd.tflite", cache / "shapes-ssd")
     monkeypatch.setenv("FOGWHISK_MODEL_CACHE", str(cache))
     model_dir = _model_dir(tmp_path, lambda d: (d / "shapes-ssd.tflite").unlink())
-    tar, _ = artifact.pack(model_dir, 2, tmp_path / "out", ota_keys.private, now=NOW)
+    tar, _ = packing.pack(model_dir, 2, tmp_path / "out", ota_keys.private, now=NOW)
     with tarfile.open(tar) as t:
         assert "shapes-ssd.tflite" in t.getnames()
 
@@ -448,7 +449,7 @@ def test_check_contents_refuses_a_missing_or_broken_manifest(
 def test_every_own_model_packs_extracts_and_checks(tmp_path: Path, ota_keys: Keys) -> None:
     """The round trip holds for each model built in this repository."""
     for name in ("shapes-ssd", "shapes-yolo", "motion-cls"):
-        tar, release_json = artifact.pack(CATALOG / name, 7, tmp_path / "out",
+        tar, release_json = packing.pack(CATALOG / name, 7, tmp_path / "out",
                                           ota_keys.private, now=NOW)
         r = release.parse_and_verify(release_json.read_bytes(), topic_name=name,
                                      keys={ota_keys.keyid: ota_keys.public}, threshold=1,

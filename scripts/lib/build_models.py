@@ -3,7 +3,7 @@
 Generated data only: 96x96 RGB scenes with filled squares and discs on
 noisy backgrounds (detectors), and pairs of grey 32x32 frames where
 something moved or only the light changed (motion classifier). Each model
-is written to models/<name>/ with manifest.toml, a golden input tensor
+is written to agent/vision/catalog/<name>/ with manifest.toml, a golden input tensor
 (golden/input.npy), its raw outputs from the TFLite interpreter
 (golden/outputs.npz) and the true boxes of the golden scene.
 """

@@ -31,8 +31,9 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from agent import __version__
@@ -54,6 +55,7 @@ RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
 MAX_HEADER_LINES = 100
 
 Progress = Callable[[int, int], None]  # (bytes on disk, signed size)
+T = TypeVar("T")
 
 
 class Fetcher(Protocol):
@@ -66,8 +68,12 @@ class Fetcher(Protocol):
 
 
 class Partial:
-    """One artifact's bytes on disk and which of them are there; every file operation in
-    a worker thread."""
+    """One artifact's bytes on disk and which of them are there.
+
+    Every file operation runs in the partial's own worker thread (disk I/O and hashing
+    off the loop), one after the other: a cancelled fetch cannot close the descriptor
+    under a write still in flight.
+    """
 
     def __init__(self, dest_dir: Path, sha256: str, size: int) -> None:
         self.dest_dir = dest_dir
@@ -79,14 +85,22 @@ class Partial:
         self.done: list[list[int]] = []  # sorted, merged [start, end) byte ranges
         self.fetched = 0  # bytes new to the file in this process (a resume fetches less)
         self._fd = -1
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="ota-fetch")
         self._unsaved = 0
         self._saved_at = 0.0
 
     @classmethod
     async def open(cls, dest_dir: Path, sha256: str, size: int) -> Partial:
         p = cls(dest_dir, sha256, size)
-        await asyncio.to_thread(p._open)  # file system work: off the loop
+        try:
+            await p._in_io(p._open)
+        except BaseException:
+            p._io.shutdown(wait=False)
+            raise
         return p
+
+    async def _in_io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     def _open(self) -> None:
         self.dest_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +169,7 @@ class Partial:
         if end > self.size:
             raise FetchError(f"more bytes than the signed size: bytes up to {end:,} "
                              f"offered, the release signs {self.size:,}")
-        await asyncio.to_thread(self._pwrite, offset, data)  # disk I/O: off the loop
+        await self._in_io(self._pwrite, offset, data)
         new = len(data) - self._overlap(offset, end)
         self.fetched += new
         self._unsaved += new
@@ -188,7 +202,7 @@ class Partial:
         """fsync the data, then record which ranges it holds (write, fsync, rename)."""
         done = [list(r) for r in self.done]
         self._unsaved, self._saved_at = 0, time.monotonic()
-        await asyncio.to_thread(self._save, done)  # fsync: off the loop
+        await self._in_io(self._save, done)
 
     def _save(self, done: list[list[int]]) -> None:
         if self._fd < 0:
@@ -206,12 +220,12 @@ class Partial:
     async def finish(self) -> Path:
         """Hash the whole file; on a match rename it to `final`, else remove it."""
         await self.save()
-        got = await asyncio.to_thread(_sha256_of, self.part)  # hashing: off the loop
+        got = await self._in_io(_sha256_of, self.part)
         if got != self.sha256:
             await self.discard()
             raise FetchError(f"sha256 mismatch: the {self.size:,} bytes fetched hash to "
                              f"{got[:16]}..., the release signs {self.sha256[:16]}...")
-        await asyncio.to_thread(self._promote)
+        await self._in_io(self._promote)
         return self.final
 
     def _promote(self) -> None:
@@ -224,7 +238,7 @@ class Partial:
     async def discard(self) -> None:
         """Forget everything fetched (after bad bytes: nothing of it is trusted)."""
         self.done = []
-        await asyncio.to_thread(self._discard)
+        await self._in_io(self._discard)
 
     def _discard(self) -> None:
         self._close()
@@ -233,10 +247,13 @@ class Partial:
                 p.unlink()
 
     async def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                await self.save()
-            await asyncio.to_thread(self._close)
+        try:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    await self.save()
+                await self._in_io(self._close)
+        finally:
+            self._io.shutdown(wait=False)
 
     def _close(self) -> None:
         if self._fd >= 0:
@@ -404,7 +421,8 @@ class MqttChunkFetcher:
         """Wait for the retained chunk info and check it against the release."""
         topic = f"{base}/info"
         while True:
-            msg = await self._next(inbox, stall, f"and no chunk info on {topic}")
+            msg = await self._next(inbox, stall, f"and no chunk info on {topic} (pushed? "
+                                   "readable by this device?)")
             msg.ack()
             if msg.topic == topic:
                 break

@@ -310,7 +310,8 @@ def test_without_chunk_info_the_download_stalls_with_a_reason(
     async def scenario() -> None:
         async with running(uplink(broker.url)) as conn:
             with pytest.raises(FetchError, match=r"stalled: no bytes and no chunk info on "
-                                                 r"fog/_artifacts/[0-9a-f]{64}/info for 0.5 s"):
+                                                 r"fog/_artifacts/[0-9a-f]{64}/info \(pushed\? "
+                                                 r"readable by this device\?\) for 0.5 s"):
                 await MqttChunkFetcher(conn, stall_s=0.5).fetch(rel, tmp_path,
                                                                 lambda d, t: None)
 
@@ -332,6 +333,46 @@ def test_an_uplink_whose_packets_cannot_hold_a_chunk_is_refused_with_a_reason(
                                                               lambda d, t: None)
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_download_unsubscribes_keeps_its_progress_and_resumes_later(
+        broker: Broker, tmp_path: Path) -> None:
+    """The controller cancels a fetch (a fresh release replaced it, or shutdown): the
+    chunk subscriptions end, the progress is saved, and a later fetch takes the rest."""
+    data = artifact(2 * MB, seed=18)
+    retain(broker.url, chunk_messages(data))
+    rel = release_for(data)
+    dest = tmp_path / "in"
+
+    async def scenario() -> tuple[int, int]:
+        async with running(uplink(broker.url)) as conn:
+            half = asyncio.Event()
+
+            def progress(done: int, total: int) -> None:
+                if done >= total // 2:
+                    half.set()
+
+            task = asyncio.create_task(
+                MqttChunkFetcher(conn, stall_s=10).fetch(rel, dest, progress))
+            await asyncio.wait_for(half.wait(), WAIT_S)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            received = conn.counters.values["received"]
+            await asyncio.to_thread(
+                retain, broker.url, {f"fog/_artifacts/{rel.artifact_sha256}/0": data[:10]})
+            await asyncio.sleep(0.3)
+            assert conn.counters.values["received"] == received  # no subscription left
+            await asyncio.to_thread(
+                retain, broker.url, {f"fog/_artifacts/{rel.artifact_sha256}/0":
+                                     data[:CHUNK_BYTES]})
+            kept = saved_bytes(dest, rel.artifact_sha256)
+            again = MqttChunkFetcher(conn, stall_s=10)
+            assert (await again.fetch(rel, dest, lambda d, t: None)).read_bytes() == data
+            return kept, again.fetched_bytes
+
+    kept, fetched = asyncio.run(scenario())
+    assert 0 < kept < len(data) and fetched == len(data) - kept
 
 
 # -- kill -9 of the fetching process --------------------------------------------------------

@@ -178,3 +178,25 @@ def test_model_help_lists_the_operator_commands() -> None:
     assert run.returncode == 0
     for command in ("keygen", "pack", "sign", "push", "status"):
         assert command in run.stdout
+
+
+def test_pack_without_the_vision_extra_names_what_to_install(
+        tmp_path: Path, ota_keys: Keys) -> None:
+    """A relay-only install (no numpy, no LiteRT) refuses to pack in one line."""
+    code = (
+        "import sys\n"
+        "class NoVision:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('numpy', 'cv2', 'ai_edge_litert'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoVision())\n"
+        "from agent.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.run(
+        [sys.executable, "-c", code, "model", "pack", str(SHAPES), "--version", "4",
+         "--key", str(ota_keys.key_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1, run.stderr
+    assert "pip install 'fogwhisk[vision]'" in run.stderr and run.stderr.count("\n") == 1, \
+        run.stderr
+    assert not (tmp_path / "out").exists()

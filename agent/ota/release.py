@@ -262,6 +262,8 @@ def parse_and_verify(doc: bytes, *, topic_name: str, keys: Mapping[str, Ed25519P
     with a one-line reason."""
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1, got {threshold}")
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime (UTC)")
     obj = _parse(doc)
     signed = obj["signed"]
     trusted = _verify_signatures(obj, keys, threshold)

@@ -35,7 +35,7 @@ from agent.errors import ConfigError
 PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is a perfect sandbox, 10 none at all
-MODEL = ROOT / "models" / "shapes-ssd"
+MODEL = ROOT / "agent" / "vision" / "catalog" / "shapes-ssd"
 
 
 # --- the unit, as systemd judges it ------------------------------------------------

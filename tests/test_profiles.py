@@ -1,13 +1,21 @@
-"""Every firmware profile loads through agent.config and fits its board."""
+"""Every firmware profile loads through agent.config and fits its board.
+
+Profiles are package data (`agent/firmware-profiles/`), found through
+importlib.resources wherever pip put the package; tests/test_packaging.py
+loads one from an installed wheel.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
 from agent import config, service
 from agent.config import PROFILE_DIR, PROFILE_SECTIONS
+from agent.errors import ConfigError
 from agent.vision.runtimes import RUNTIMES
 
 PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
@@ -84,3 +92,28 @@ def test_keys_in_the_agent_file_override_the_profile() -> None:
                             "camera": {"fps_cap": 1.0}})
     assert cfg.camera.fps_cap == 1.0
     assert cfg.camera.frame_width == 640  # the rest of the section still comes from the profile
+
+
+def test_profiles_are_the_package_data_importlib_resources_finds() -> None:
+    assert resources.files("agent") / "firmware-profiles" == PROFILE_DIR
+    assert PROFILE_DIR.parent == Path(config.__file__).parent
+
+
+def test_a_profile_beside_the_config_overrides_the_shipped_one(tmp_path: Path) -> None:
+    """An operator's board file in <config dir>/firmware-profiles/ wins, key by key as written."""
+    local = tmp_path / "firmware-profiles"
+    local.mkdir()
+    shipped = tomllib.loads((PROFILE_DIR / "rpi4.toml").read_text())
+    text = (PROFILE_DIR / "rpi4.toml").read_text().replace(
+        f'memory_max = "{shipped["service"]["memory_max"]}"', 'memory_max = "300M"')
+    (local / "rpi4.toml").write_text(text)
+    cfg_path = tmp_path / "agent.toml"
+    cfg_path.write_text('[device]\nid = "d"\nprofile = "rpi4"\n')
+    assert config.load(cfg_path).service.memory_max == "300M"
+    (local / "rpi4.toml").unlink()
+    assert config.load(cfg_path).service.memory_max == shipped["service"]["memory_max"]
+
+
+def test_an_unknown_profile_names_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match=r"no profile 'rpi9' \(known: .*rpi-zero2w.*x86\)"):
+        config.from_dict({"device": {"id": "d", "profile": "rpi9"}})

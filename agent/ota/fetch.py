@@ -115,7 +115,7 @@ class Partial:
             if self.size:  # fail now, not at 90 %, when the disk cannot hold it
                 os.posix_fallocate(self._fd, 0, self.size)
         except OSError as exc:
-            self._close()
+            self._discard()  # a file of the full size would hold the disk for nothing
             raise FetchError(f"no room for {self.size:,} bytes in {self.dest_dir}: "
                              f"{exc.strerror or exc}") from exc
         self._saved_at = time.monotonic()

@@ -375,6 +375,37 @@ def test_a_cancelled_download_unsubscribes_keeps_its_progress_and_resumes_later(
     assert 0 < kept < len(data) and fetched == len(data) - kept
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MB tmpfs."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_artifact_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
+        broker: Broker, small_disk: Path) -> None:
+    """dest_dir on a 1 MB tmpfs, a 2 MB artifact: FetchError 'no room' at once (the space
+    is allocated up front, not discovered at 90 %), and no partial file stays."""
+    data = artifact(2 * MB, seed=19)
+    retain(broker.url, chunk_messages(data))
+
+    async def scenario() -> int:
+        async with running(uplink(broker.url)) as conn:
+            fetcher = MqttChunkFetcher(conn, stall_s=10)
+            with pytest.raises(FetchError, match=r"no room for 2,000,000 bytes in .*small/in: "
+                                                 r"No space left on device"):
+                await fetcher.fetch(release_for(data), small_disk / "in", lambda d, t: None)
+            return fetcher.fetched_bytes
+
+    assert asyncio.run(scenario()) == 0
+    assert leftovers(small_disk / "in") == []
+
+
 # -- kill -9 of the fetching process --------------------------------------------------------
 
 CHILD = r"""

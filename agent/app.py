@@ -68,9 +68,22 @@ class Agent:
             "uplink", cfg.uplink, cfg.client_id("uplink"), self.telemetry,
             will=Will(self.status_topic, self._status_doc("offline")),
             birth=lambda: Will(self.status_topic, self._status_doc(self.state)),
-            on_connected=self._uplink_up, on_lost=self._uplink_lost, clean_start=False)
+            on_connected=self._uplink_up, on_lost=self._uplink_lost, clean_start=False,
+            max_packet_bytes=_uplink_max_packet(cfg))
         self.sender: Sender | None = None
-        self.models: Any = None  # agent.vision.hub.ModelHub once a detect step needs it
+        self.models: Any = None  # agent.vision.hub.ModelHub, when a pipeline detects
+        if any(s.action == "detect" for p in cfg.pipelines for s in p.steps):
+            from agent.vision.hub import ModelHub  # numpy and OpenCV: only for models
+            from agent.vision.models import ModelStore
+
+            self.models = ModelHub(ModelStore(cfg.data_dir, models_dir=cfg.models_dir),
+                                   cfg.runtime, self.telemetry)
+        self.ota: Any = None  # agent.ota.controller.Controller when [ota] keys are given
+        if cfg.ota.enabled:
+            from agent.ota.controller import Controller  # loads the trusted keys: ConfigError
+
+            self.ota = Controller(cfg, self.uplink, self.outbox.submit, self.models,
+                                  self.telemetry)
 
     # -- building --------------------------------------------------------------
 
@@ -96,12 +109,6 @@ class Agent:
     def _build_pipeline(self, pcfg: PipelineConfig) -> Pipeline:
         seq = itertools.count(1)
         actions: list[Action] = []
-        if self.models is None and any(s.action == "detect" for s in pcfg.steps):
-            from agent.vision.hub import ModelHub  # numpy and OpenCV: only for models
-            from agent.vision.models import ModelStore
-
-            self.models = ModelHub(ModelStore(self.cfg.data_dir, models_dir=self.cfg.models_dir),
-                                   self.cfg.runtime, self.telemetry)
         for i, step in enumerate(pcfg.steps):
             ctx = ActionContext(
                 device=self.device, prefix=self.prefix, pipeline=pcfg.name, step=i,
@@ -123,6 +130,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         await self.outbox.open()
+        if self.ota is not None:  # before models load: a crash loop switches back here
+            self.ota.prepare()
         states = await self.outbox.states()
         for pcfg in self.cfg.pipelines:
             p = self._build_pipeline(pcfg)
@@ -148,6 +157,8 @@ class Agent:
                 ]
                 if exporter is not None:
                     tasks.append(tg.create_task(exporter.serve(), name="prometheus"))
+                if self.ota is not None:
+                    tasks.append(tg.create_task(self.ota.run(), name="ota"))
                 for p in self.pipelines.values():
                     tasks.append(tg.create_task(self._supervise(p), name=f"pipeline:{p.name}"))
                     trig = p.cfg.trigger
@@ -308,6 +319,15 @@ class Agent:
                                                       default=str).encode(), 0, True)
             except AgentError as exc:
                 log.debug("telemetry not sent: %s", exc)
+
+
+def _uplink_max_packet(cfg: Config) -> int | None:
+    """Room for OTA artifact chunks on the uplink (else its default, sized for acks)."""
+    if not cfg.ota.enabled:
+        return None
+    from agent.ota.fetch import UPLINK_MAX_PACKET_BYTES
+
+    return UPLINK_MAX_PACKET_BYTES
 
 
 def _covers(general: str, specific: str) -> bool:

@@ -20,11 +20,9 @@ import argparse
 import math
 import re
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from agent.config import Config
 from agent.errors import ConfigError
@@ -211,92 +209,17 @@ def render_unit(cfg: Config, opts: UnitOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What installing a config takes: its directories, the vision extra, models to fetch."""
-
-    data_dir: str
-    models_dir: str
-    vision: bool  # a camera or a step that needs fogwhisk[vision]
-    models: tuple[str, ...]  # what detect steps name
-
-    def lines(self) -> str:
-        return (f"data_dir={self.data_dir}\nmodels_dir={self.models_dir}\n"
-                f"extras={'vision' if self.vision else ''}\nmodels={' '.join(self.models)}\n")
-
-
-def plan(raw: dict[str, Any], base_dir: Path) -> Plan:
-    """The plan from the raw TOML, as `config.load` would resolve it.
-
-    Raw, because the installer asks before installing the extras that loading a
-    vision config imports; paths resolve from the config's directory as in `load`.
-    """
-    from agent.actions.registry import VISION_ACTIONS
-
-    def table(value: object, where: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table")
-        return value
-
-    def at(path: object, key: str) -> Path:
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{key}: expected a path")
-        return base_dir / path  # an absolute path stays itself
-
-    data_dir = at(table(raw.get("device", {}), "device").get("data_dir", "/var/lib/fogwhisk"),
-                  "device.data_dir")
-    models = table(raw.get("models", {}), "models").get("dir")
-    models_dir = at(models, "models.dir") if models is not None else data_dir / "models"
-    vision, names = False, []
-    pipelines = raw.get("pipeline", [])
-    for i, raw_pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
-        p = table(raw_pipeline, f"pipeline[{i}]")
-        trigger = p.get("trigger")
-        vision |= isinstance(trigger, dict) and "camera" in trigger
-        steps = p.get("steps")
-        for step in steps if isinstance(steps, list) else []:
-            action = step.get("action") if isinstance(step, dict) else None
-            vision |= action in VISION_ACTIONS
-            if action == "detect" and isinstance(step.get("model"), str):
-                names.append(step["model"])
-    return Plan(str(data_dir), str(models_dir), vision, tuple(dict.fromkeys(names)))
-
-
-def _plan_main(path: str, config_dir: str | None) -> int:
-    """`--plan`: key=value lines for scripts/install-service; `-c -` reads stdin."""
-    try:
-        if path == "-":
-            raw = tomllib.loads(sys.stdin.read())
-            base = Path(config_dir or ".").resolve()
-        else:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-            base = Path(path).resolve().parent
-        sys.stdout.write(plan(raw, base).lines())
-    except (OSError, tomllib.TOMLDecodeError, ConfigError) as exc:
-        print(f"fogwhisk service: {path}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the unit for a config file (or, with --plan, what installing it takes)."""
+    """Print the unit for a config file; exit 2 on a bad config."""
     from agent import config
 
     ap = argparse.ArgumentParser(prog="python -m agent.service", description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                    help=f"the agent's config file (default: {DEFAULT_CONFIG}); - reads stdin")
-    ap.add_argument("--bin", help="absolute path of the fogwhisk console script")
+                    help=f"the agent's config file (default: {DEFAULT_CONFIG})")
+    ap.add_argument("--bin", required=True, help="absolute path of the fogwhisk console script")
     ap.add_argument("--user", default=DEFAULT_USER,
                     help=f"the system user the service runs as (default: {DEFAULT_USER})")
-    ap.add_argument("--plan", action="store_true",
-                    help="print data_dir, models_dir, extras and models as key=value lines")
-    ap.add_argument("--config-dir", help="with -c -: the directory relative paths start from")
     args = ap.parse_args(argv)
-    if args.plan:
-        return _plan_main(args.config, args.config_dir)
-    if args.bin is None:
-        ap.error("--bin is required to render the unit")
     try:
         cfg = config.load(args.config)
         opts = UnitOptions(exec_path=args.bin, config_path=str(Path(args.config).resolve()),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from brokers import ROOT
 
-from agent import config, service
+from agent import config, installer, service
 
 SCRIPT = ROOT / "scripts" / "install-service"
 
@@ -171,12 +171,12 @@ trigger = "cams/yard/jpeg"
 steps = [{ action = "decode" }, { action = "detect", model = "person" }, { action = "publish" }]
 """)
     cfg = config.load(path)
-    plan = service.plan(tomllib.loads(path.read_text()), tmp_path)
+    plan = installer.plan(tomllib.loads(path.read_text()), tmp_path)
     assert Path(plan.data_dir) == cfg.data_dir
     assert Path(plan.models_dir).resolve() == cfg.models_dir.resolve() \
         == (tmp_path.parent / "shared" / "models").resolve()
     assert plan.vision and plan.models == ("person", "face")
-    relay = service.plan({"device": {"id": "r"}, "pipeline": [
+    relay = installer.plan({"device": {"id": "r"}, "pipeline": [
         {"name": "r", "trigger": "s/#", "steps": [{"action": "forward"}]}]}, tmp_path)
     assert (relay.data_dir, relay.models_dir, relay.vision, relay.models) == \
         ("/var/lib/fogwhisk", "/var/lib/fogwhisk/models", False, ())

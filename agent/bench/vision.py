@@ -4,6 +4,10 @@ One run, same frames (vtest.avi as JPEG) and the same model:
   (a) a bare loop: imdecode + resize + invoke + decode outputs;
   (b) the agent end to end: frames in over MQTT (local Mosquitto), events
       out at the uplink Mosquitto; its fps over (a)'s (the bar is 0.9);
+  (c) the agent's RSS, peak (VmHWM) and steady (VmRSS), next to the 120 MiB
+      bar: idle with a relay pipeline only; idle with the relay and a camera
+      pipeline (decode, motion, detect, track, publish); and that pipeline
+      taking the JPEG frames over MQTT at full rate;
   the motion gate's ms per frame at 640x480 and 1280x720 next to OpenCV's
   MOG2 on the same frames, and the share of vtest.avi frames it spares
   from inference.
@@ -98,17 +102,25 @@ def start_broker(workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], int
     raise RuntimeError(f"mosquitto {name} did not start")
 
 
-def agent_e2e(model: str, jpegs: list[bytes], threads: int, timeout_s: float) -> float:
-    """Frames per second through the agent, publish of the first to event of the last."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+CAMERA_STEPS = """[
+  { action = "decode" },
+  { action = "motion", threshold = 30, min_area = 10 },
+  { action = "detect", model = "MODEL", min_score = 0.4 },
+  { action = "track", min_score = 0.4, timeout_s = "3s" },
+  { action = "publish" },
+]"""
+RELAY = """
+[[pipeline]]
+name = "relay"
+trigger = "sensors/#"
+steps = [{ action = "forward" }]
+"""
+MEMORY_BAR_MIB = 120  # the rpi-zero2w profile's unit has 192M, the broker needs its share
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        local, lport = start_broker(work, "local")
-        uplink, uport = start_broker(work, "uplink")
-        cfg = work / "agent.toml"
-        cfg.write_text(f"""
+
+def write_config(work: Path, lport: int, uport: int, threads: int, pipelines: str) -> Path:
+    cfg = work / "agent.toml"
+    cfg.write_text(f"""
 [device]
 id = "bench"
 data_dir = "{work / 'data'}"
@@ -118,6 +130,127 @@ url = "mqtt://127.0.0.1:{lport}"
 url = "mqtt://127.0.0.1:{uport}"
 [runtime]
 num_threads = {threads}
+[telemetry]
+interval_s = "1s"
+{pipelines}
+""")
+    return cfg
+
+
+def start_agent(work: Path, cfg: Path) -> subprocess.Popen[bytes]:
+    log = open(work / "agent.log", "ab")  # noqa: SIM115 - the child owns it
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
+                             stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return agent
+
+
+def stop_agent(agent: subprocess.Popen[bytes]) -> None:
+    agent.terminate()
+    try:
+        agent.wait(15)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+
+
+def wait_ready(agent: subprocess.Popen[bytes], work: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while " ready in " not in (work / "agent.log").read_text(errors="replace"):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            err = (work / "agent.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the agent did not get ready: {err}")
+        time.sleep(0.05)
+
+
+def vm_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB, from /proc/PID/status."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def mqtt_client(port: int) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def memory(model: str, jpegs: list[bytes], threads: int, settle_s: float = 2.0,
+           timeout_s: float = 300.0) -> list[tuple[str, dict[str, int]]]:
+    """RSS of the agent process: relay only idle; relay + camera pipeline idle, then while
+    it takes `jpegs` at full rate (QoS 1, as fast as the broker takes them) and after."""
+    rows: list[tuple[str, dict[str, int]]] = []
+    camera = (f'[[pipeline]]\nname = "camera"\ntrigger = "cameras/+/jpeg"\n'
+              f"steps = {CAMERA_STEPS.replace('MODEL', model)}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        local, lport = start_broker(work, "local")
+        uplink, uport = start_broker(work, "uplink")
+        try:
+            agent = start_agent(work, write_config(work, lport, uport, threads, RELAY))
+            try:
+                wait_ready(agent, work)
+                time.sleep(settle_s)
+                rows.append(("agent idle, relay only", vm_kib(agent.pid)))
+            finally:
+                stop_agent(agent)
+            agent = start_agent(work, write_config(work, lport, uport, threads,
+                                                   RELAY + camera))
+            try:
+                wait_ready(agent, work)
+                time.sleep(settle_s)
+                rows.append(("relay + camera pipeline, idle", vm_kib(agent.pid)))
+                done = threading.Event()
+                taken = [0]
+
+                def on_message(c: Any, u: Any, m: Any) -> None:
+                    doc = json.loads(m.payload)
+                    cam = doc.get("pipelines", {}).get("camera", {})
+                    taken[0] = cam.get("latency_ms", {}).get("total", {}).get("n", 0)
+                    if taken[0] >= len(jpegs):
+                        done.set()
+
+                sub = mqtt_client(uport)
+                sub.on_message = on_message
+                sub.subscribe("fog/bench/telemetry", qos=0)
+                pub = mqtt_client(lport)
+                try:
+                    for data in jpegs:
+                        pub.publish("cameras/bench/jpeg", data, qos=1)
+                    if not done.wait(timeout_s):
+                        raise RuntimeError(f"the agent took {taken[0]} of {len(jpegs)} frames")
+                    running = vm_kib(agent.pid)
+                    time.sleep(settle_s)
+                    after = vm_kib(agent.pid)
+                finally:
+                    pub.loop_stop()
+                    sub.loop_stop()
+                rows.append((f"camera pipeline, {len(jpegs)} JPEG frames at full rate",
+                             {"VmHWM": running["VmHWM"], "VmRSS": after["VmRSS"]}))
+            finally:
+                stop_agent(agent)
+        finally:
+            for proc in (local, uplink):
+                proc.terminate()
+                proc.wait(10)
+    return rows
+
+
+def agent_e2e(model: str, jpegs: list[bytes], threads: int, timeout_s: float) -> float:
+    """Frames per second through the agent, publish of the first to event of the last."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        local, lport = start_broker(work, "local")
+        uplink, uport = start_broker(work, "uplink")
+        agent = start_agent(work, write_config(work, lport, uport, threads, f"""
 [[pipeline]]
 name = "bench"
 trigger = "cameras/bench/jpeg"
@@ -126,11 +259,7 @@ steps = [
   {{ action = "detect", model = "{model}", crops = "frame", pass_empty = true, min_score = 0.0 }},
   {{ action = "publish" }},
 ]
-""")
-        log = open(work / "agent.log", "wb")  # noqa: SIM115 - the child owns it
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
-                                 stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+"""))
         got = threading.Event()
         count = [0]
         last = [0.0]
@@ -141,14 +270,10 @@ steps = [
             if count[0] >= len(jpegs):
                 got.set()
 
-        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        sub = mqtt_client(uport)
         sub.on_message = on_message
-        sub.connect("127.0.0.1", uport)
         sub.subscribe("fog/bench/events/#", qos=1)
-        sub.loop_start()
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        pub.connect("127.0.0.1", lport)
-        pub.loop_start()
+        pub = mqtt_client(lport)
         try:
             # warm up: the agent has subscribed and loaded the model once one event arrives
             deadline = time.monotonic() + 30
@@ -169,11 +294,7 @@ steps = [
         finally:
             pub.loop_stop()
             sub.loop_stop()
-            agent.terminate()
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+            stop_agent(agent)
             for proc in (local, uplink):
                 proc.terminate()
                 proc.wait(10)
@@ -185,6 +306,7 @@ def run(argv: list[str]) -> int:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-agent", action="store_true", help="skip (b), the end-to-end run")
+    ap.add_argument("--no-memory", action="store_true", help="skip (c), the RSS table")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -203,6 +325,12 @@ def run(argv: list[str]) -> int:
             results["ratio"] = round(e2e / bare, 3) if bare else 0.0
         except Exception as exc:  # report, do not hide the rest of the figures
             results["agent_error"] = str(exc)
+    if not args.no_memory:
+        try:
+            results["memory_kib"] = {label: vm for label, vm in
+                                     memory(args.model, jpegs, args.threads)}
+        except Exception as exc:
+            results["memory_error"] = str(exc)
     all_frames = load_frames(10_000)
     for w, h in ((640, 480), (1280, 720)):
         ours, mog = motion_ms(all_frames[:200], (w, h))
@@ -226,6 +354,16 @@ def run(argv: list[str]) -> int:
           f"{args.threads} thread(s), pid {os.getpid()}")
     for name, value, base in rows:
         print(f"  {name:<44} {value:>16}   {base}")
+    if "memory_kib" in results or "memory_error" in results:
+        print(f"agent RSS (MiB), {args.threads} inference thread(s); "
+              f"bar {MEMORY_BAR_MIB} MiB peak")
+        print(f"  {'configuration':<44} {'peak VmHWM':>12} {'steady VmRSS':>13}")
+        for label, vm in results.get("memory_kib", {}).items():
+            hwm, rss = vm["VmHWM"] / 1024, vm["VmRSS"] / 1024
+            mark = "ok" if hwm <= MEMORY_BAR_MIB else "ABOVE the bar"
+            print(f"  {label:<44} {hwm:>12.1f} {rss:>13.1f}   {mark}")
+        if "memory_error" in results:
+            print(f"  memory: {results['memory_error']}")
     return 0
 
 

@@ -17,6 +17,7 @@ model (they take effect after `after` invokes, 0 by default):
     "delay_ms": 50              each invoke takes that much longer (a slow model)
     "crash": "load" | "invoke"  the process dies of SIGSEGV (a crash inside the interpreter)
     "hang": "load" | "invoke"   never returns
+    "load_ms": 3000             loading takes that long (a large model)
     "wrap": "litert"            the real model file runs on that runtime, knobs around it
 """
 
@@ -130,6 +131,7 @@ def load(path: Path, num_threads: int) -> FakeModel:
         _segfault()
     if spec.get("hang") == "load":
         _hang()
+    time.sleep(float(spec.get("load_ms", 0)) / 1000.0)
     fn: Fn | None = None
     inputs, outputs = _infos(spec.get("inputs", GENERIC["inputs"])), \
         _infos(spec.get("outputs", GENERIC["outputs"]))

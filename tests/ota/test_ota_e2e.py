@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from device import (
     publish_chunks,
     push,
     resign,
+    restart,
     start_device,
     tar_of,
 )
@@ -60,6 +62,9 @@ def test_a_pushed_release_is_committed_and_the_frames_switch_version_without_a_d
             push(release_json, broker)  # type: ignore[arg-type]
             done = watch.state(2, "committed", agent)
             watch.wait_events(len(watch.events()) + 10)  # frames on the new version
+            # An old signed release, replayed: refused, the new version stays.
+            push(pack(catalog_dir(), 1, tmp_path / "old", ota_keys.private)[1], broker)
+            replay = watch.state(1, "rejected", agent)
             sent = frames.stop()
             events = watch.wait_events(sent)
             states = watch.states()
@@ -68,6 +73,8 @@ def test_a_pushed_release_is_committed_and_the_frames_switch_version_without_a_d
     versions = check_events(events, sent)
     assert versions[0] == 1 and versions[-1] == 2
     assert done["active"]["version"] == 2 and done["previous"] == {"version": 1}
+    assert replay["update"]["reason"] == "version 1 is not higher than the active version 2"
+    assert replay["active"]["version"] == 2
     seqs = [d["seq"] for d in states]
     assert seqs == sorted(seqs)
     order = [d["update"]["state"] for d in states if d["update"] is not None]
@@ -186,3 +193,118 @@ def test_bad_releases_are_each_refused_with_their_reason_while_detections_keep_f
     assert set(check_events(events, sent)) == {1}
     errors = [ln for ln in agent.log().splitlines() if " ERROR " in ln or "Traceback" in ln]
     assert not errors, errors
+
+
+def running_version(tmp_path: Path) -> int:
+    """The version a start would load now: complete and sha256-verified, as detect does."""
+    return ModelStore(tmp_path / "data").resolve(NAME).manifest.version
+
+
+def test_probation_rolls_back_live_when_errors_then_latency_go_past_the_policy(
+        tmp_path: Path, broker: Broker, ota_keys: Keys) -> None:
+    """Two candidates that pass their trial and then fail live, after 70 invokes: one
+    raises, one takes 30 ms more per frame. Each is rolled back during probation, live,
+    to version 1 (still loaded), with the reason; frames go 1 -> 2 -> 1 -> 3 -> 1."""
+    agent = start_device(tmp_path, broker, ota_keys.pub_path, probation="60s")
+    key = ota_keys.private
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url, fps=20) as frames:
+            watch.wait_events(30)  # the active version's own p95 on this machine
+            failing = model_dir(tmp_path, "fails", knobs={"wrap": "litert", "after": 70,
+                                                         "raise": True})
+            push(pack(failing, 2, tmp_path / "o2", key)[1], broker)
+            back = watch.state(2, "rolled_back", agent)
+            assert re.search(r"^error rate 0\.\d+ over \d+ frames is above the policy's 0.05",
+                             back["update"]["reason"]), back
+            assert back["active"]["version"] == 1 and back["previous"] is None
+            slow = model_dir(tmp_path, "slows", knobs={"wrap": "litert", "after": 70,
+                                                       "delay_ms": 30})
+            push(pack(slow, 3, tmp_path / "o3", key)[1], broker)
+            back = watch.state(3, "rolled_back", agent)
+            assert re.search(r"^p95 latency \d+\.\d ms is above 2 x the previous version's",
+                             back["update"]["reason"]), back
+            n = len(watch.events())
+            watch.wait_events(n + 10)
+            frames.stop()
+            events = watch.events()
+    finally:
+        agent.stop()
+    versions = [e["model"]["version"] for e in events]
+    runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+    assert runs == [1, 2, 1, 3, 1], runs
+    assert running_version(tmp_path) == 1
+
+
+def test_a_crash_loop_in_probation_starts_on_the_previous_version(
+        tmp_path: Path, broker: Broker, ota_keys: Keys) -> None:
+    """A candidate that kills the agent (SIGSEGV) after 70 live frames: the agent is
+    started again after each crash; the third start in probation runs version 1 and
+    reports `rolled_back: crash loop`; a start after that counts nothing (committed or
+    not, the counter is reset)."""
+    agent = start_device(tmp_path, broker, ota_keys.pub_path, probation="10m")
+    crashing = model_dir(tmp_path, "crash", knobs={"wrap": "litert", "after": 70,
+                                                   "crash": "invoke"})
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url, fps=30):
+            push(pack(crashing, 2, tmp_path / "out", ota_keys.private)[1], broker)
+            watch.state(2, "probation", agent)
+            for start in (1, 2, 3):
+                assert agent.wait_exit(60) == -signal.SIGSEGV, agent.log()[-3000:]
+                assert running_version(tmp_path) == 2  # complete on disk, start after start
+                agent = restart(agent)
+                if start < 3:
+                    assert watch.latest()["update"]["state"] == "probation"
+            back = watch.state(2, "rolled_back", agent)
+            assert back["update"]["reason"].startswith(
+                "crash loop: the agent started 3 times during probation"), back
+            assert back["active"]["version"] == 1
+            n = len(watch.events())
+            after = watch.wait_events(n + 20)[n:]
+            assert {e["model"]["version"] for e in after} == {1}
+    finally:
+        agent.stop()
+    agent = restart(agent)
+    agent.stop()
+    state = json.loads((tmp_path / "data" / "ota" / f"{NAME}.json").read_text())
+    assert state["starts"] == 0 and state["update"]["state"] == "rolled_back"
+    assert running_version(tmp_path) == 1
+
+
+def test_kill_9_in_downloading_trial_and_probation_resumes_to_committed(
+        tmp_path: Path, broker: Broker, ota_keys: Keys) -> None:
+    """kill -9 while the artifact is not there yet (downloading), while the trial loads
+    a slow model, and during probation: after each restart the complete version 1 (then 2)
+    runs, and the update carries on from its persisted state to committed."""
+    agent = start_device(tmp_path, broker, ota_keys.pub_path)
+    slow_load = model_dir(tmp_path, "slow-load", knobs={"wrap": "litert", "load_ms": 4000})
+    _, release_json = pack(slow_load, 2, tmp_path / "out", ota_keys.private,
+                           policy=Policy(probation_s=6.0))
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url) as frames:
+            deploy_raw(broker, release_json.read_bytes())  # the chunks are not there yet
+            watch.state(2, "downloading", agent)
+            agent.kill()
+            assert running_version(tmp_path) == 1
+            agent = restart(agent)
+            push(release_json, broker)  # uploads the chunks (the deploy is the same)
+            watch.state(2, "trial", agent)
+            agent.kill()
+            assert running_version(tmp_path) == 1
+            agent = restart(agent)
+            seq = watch.state(2, "probation", agent)["seq"]
+            agent.kill()
+            assert running_version(tmp_path) == 2
+            agent = restart(agent)
+            done = watch.state(2, "committed", agent, after_seq=seq)
+            n = len(watch.events())
+            watch.wait_events(n + 10)
+            sent = frames.stop()
+            events = watch.wait_events(sent)
+    finally:
+        agent.stop()
+    assert done["active"]["version"] == 2 and done["previous"] == {"version": 1}
+    versions = [e["model"]["version"] for e in events]
+    assert versions[-1] == 2
+    # kill -9 loses no accepted frame: each gives an event (one in flight at a kill may
+    # give two: at least once)
+    assert len(events) >= sent

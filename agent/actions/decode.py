@@ -26,6 +26,7 @@ from agent.messages import Message
 from agent.pipeline import ActionContext
 from agent.schema import Size
 from agent.service import memory_bytes
+from agent.vision import heap
 from agent.vision.frames import (
     DEFAULT_MAX_FILE_BYTES,
     Frame,
@@ -82,6 +83,7 @@ def memory_budget(ctx: ActionContext) -> int | None:
 
 
 def build(params: Params, ctx: ActionContext) -> Decode:
+    heap.tune_for_frames()  # frames given back to the kernel once dropped (agent.vision.heap)
     limits = Limits(max_pixels=params.max_pixels or max_pixels_for(memory_budget(ctx)),
                     path_root=params.path_root, max_file_bytes=int(params.max_file_bytes))
     log.info("pipeline %s: decode takes frames up to %.1f Mpx; file references %s",

@@ -23,6 +23,7 @@ import cv2
 from agent.config import CameraConfig, TriggerConfig
 from agent.messages import Message
 from agent.telemetry import Telemetry
+from agent.vision import heap
 from agent.vision.frames import Frame
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ async def frames(trigger: TriggerConfig, camera_cfg: CameraConfig, telemetry: Te
     """Frames from `trigger.camera` as Messages (topic: the camera source), newest first."""
     if not trigger.camera:
         raise ValueError("frames() needs a trigger with camera = ...")
+    heap.tune_for_frames()  # frames given back to the kernel once dropped (agent.vision.heap)
     reader = _Reader(trigger, camera_cfg, telemetry, name, asyncio.get_running_loop())
     thread = threading.Thread(target=reader.run, name=f"camera:{name}", daemon=True)
     thread.start()

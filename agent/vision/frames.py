@@ -100,6 +100,42 @@ class Frame:
         return int(self.image.shape[0])
 
 
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """The part of a frame around one box, copied out of it: what a snapshot of that box
+    needs, without holding on to the whole frame (a tracker keeps one per object)."""
+
+    image: np.ndarray  # BGR uint8, a copy
+    origin: tuple[int, int]  # its top-left pixel in the frame
+    size: tuple[int, int]  # the frame's (width, height)
+    ts: float
+    source: str = ""
+
+    @classmethod
+    def around(cls, frame: Frame, box: tuple[float, float, float, float],
+               margin: float) -> Patch:
+        """The pixels of `box` (normalised to the frame) and `margin` x its size on each side."""
+        w, h = frame.width, frame.height
+        x0, y0, x1, y1 = box
+        mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+        left = min(w - 1, max(0, math.floor((x0 - mx) * w)))
+        top = min(h - 1, max(0, math.floor((y0 - my) * h)))
+        right = max(left + 1, min(w, math.ceil((x1 + mx) * w)))
+        bottom = max(top + 1, min(h, math.ceil((y1 + my) * h)))
+        image = np.array(frame.image[top:bottom, left:right], copy=True)
+        return cls(image, (left, top), (w, h), frame.ts, frame.source)
+
+    def frame(self) -> Frame:
+        """A frame of the original size, black outside the patch. Its pages outside the
+        patch's rows are never written: a fresh mapping reads as zeros and costs nothing."""
+        w, h = self.size
+        image = np.zeros((h, w, 3), np.uint8)
+        x, y = self.origin
+        ph, pw = self.image.shape[:2]
+        image[y:y + ph, x:x + pw] = self.image
+        return Frame(image, self.ts, self.source)
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG or JPEG header, decoding nothing; PayloadError otherwise."""
     if data.startswith(PNG_MAGIC):

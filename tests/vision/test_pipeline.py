@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import statistics
 import time
 from collections.abc import Callable
@@ -115,6 +116,42 @@ def test_a_single_high_score_never_becomes_an_event(
     assert tr.process(one) == []
     assert tr.process(Message("c", b"", 1.1, data={}, meta={"detections": []})) == []
     assert tr.tick(10.0) == []  # it ended without ever being an event
+
+
+def test_a_track_holds_only_the_region_around_its_best_box_not_the_whole_frame(
+        ctx_factory: Callable[..., ActionContext]) -> None:
+    """Tracks keep a patch per object: tentative ones held whole 1.3 MB frames for seconds."""
+    tr = track.build(track.Params(min_score=0.5, min_hits=2), ctx_factory())
+    image = video_frames(limit=1)[0]
+    box = (0.40, 0.30, 0.50, 0.60)  # a pedestrian-sized box, 77 x 173 px
+    for i in range(2):
+        det = Detection("person", 0.9, box)
+        events = tr.process(Message("c", b"", 1.0 + i, data={"model": None},
+                                    meta={"detections": [det], "frame": Frame(image, 1.0)}))
+    held = tr.tracks[0].best[2]
+    assert held is not None and held.image.nbytes < image.nbytes // 8
+    assert [e.data["type"] for e in events] == ["new"]
+    frame = events[0].meta["frame"]
+    assert isinstance(frame, Frame) and frame.image.shape == image.shape
+    # The box and half its size on each side (38 x 86 px) are the frame's own pixels, the
+    # rest is black: x 268.8..422.4, y 86.4..432 of 768 x 576.
+    assert np.array_equal(frame.image[87:432, 269:422], image[87:432, 269:422])
+    assert not frame.image[:, :268].any() and not frame.image[:, 423:].any()
+    assert not frame.image[:86].any() and not frame.image[432:].any()
+
+
+def test_the_snapshot_of_a_tracked_object_is_the_one_its_whole_frame_gives(
+        ctx_factory: Callable[..., ActionContext]) -> None:
+    tr = track.build(track.Params(min_score=0.5, min_hits=1), ctx_factory())
+    snap = snapshot.build(snapshot.Params(), ctx_factory())
+    image = video_frames(limit=1)[0]
+    det = Detection("person", 0.8, (0.61, 0.05, 0.72, 0.55))
+    events = tr.process(Message("c", b"", 1.0, data={"model": None},
+                                meta={"detections": [det], "frame": Frame(image, 1.0)}))
+    got = snap.process(events[0])[0].data["snapshot"]
+    whole, w, h = snapshot.encode_crop(image, det.box, snapshot.Params())
+    assert got["b64"] == base64.b64encode(whole).decode()
+    assert (got["width"], got["height"], got["box"]) == (w, h, [0.61, 0.05, 0.72, 0.55])
 
 
 def test_motion_gates_detection_on_vtest_and_people_become_events(

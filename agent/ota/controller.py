@@ -141,7 +141,7 @@ class Controller:
             s = self.store.load_state(name) or ModelState(name)
             s = self._reconcile(s, now)
             before = s
-            s = step(s, Boot(now))
+            s = step(step(s, Boot(now)), Tick(now))  # a deadline may have passed meanwhile
             if s.update is not None and s.update.state == "rolled_back" and \
                     before.update is not None and before.update.state == "probation":
                 log.error("ota: model %s: %s; starting on version %s", name, s.update.reason,

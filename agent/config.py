@@ -236,6 +236,7 @@ class OtaConfig:
     max_model_bytes: Size = Size(64 * 10**6)
     probation: Duration = Duration(600)  # unless the release's policy names its own
     trial_timeout: Duration = Duration(60)
+    ca: str | None = None  # verifies HTTPS locations; default: uplink.ca, else the system's
 
     def __post_init__(self) -> None:
         if self.keys and not 1 <= self.threshold <= len(self.keys):
@@ -451,7 +452,8 @@ def _beside(cfg: Config, base_dir: Path) -> Config:
 
     return replace(cfg, device=replace(cfg.device, data_dir=at(cfg.device.data_dir)),
                    local=broker(cfg.local), uplink=broker(cfg.uplink),
-                   ota=replace(cfg.ota, keys=tuple(at(k) for k in cfg.ota.keys)),
+                   ota=replace(cfg.ota, keys=tuple(at(k) for k in cfg.ota.keys),
+                               ca=maybe(cfg.ota.ca)),
                    models=replace(cfg.models, dir=maybe(cfg.models.dir)),
                    pipelines=tuple(pipeline(p) for p in cfg.pipelines))
 

@@ -116,7 +116,7 @@ class Controller:
         self.prefix = cfg.device.prefix
         self.device = cfg.device.id
         self.fetchers: list[fetch.Fetcher] = [
-            fetch.HttpsFetcher(Path(cfg.uplink.ca) if cfg.uplink.ca else None, STALL_S),
+            fetch.HttpsFetcher(_https_ca(cfg), STALL_S),
             fetch.MqttChunkFetcher(uplink, self.prefix, STALL_S)]
         self.states: dict[str, ModelState] = {}
         self.releases: dict[str, Release] = {}  # the release of each unfinished update
@@ -590,6 +590,12 @@ class Controller:
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+
+
+def _https_ca(cfg: Config) -> Path | None:
+    """What verifies HTTPS locations: [ota] ca, else the uplink's CA, else the system's."""
+    ca = cfg.ota.ca or cfg.uplink.ca
+    return Path(ca) if ca else None
 
 
 def _claimed_version(payload: bytes) -> int | None:

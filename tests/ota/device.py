@@ -39,12 +39,14 @@ steps = [{{ action = "decode" }}, {{ action = "detect", model = "{NAME}", pass_e
 """
 
 
-def ota_table(keys: Path, probation: str = "2s", trial_timeout: str = "30s") -> str:
+def ota_table(keys: Path, probation: str = "2s", trial_timeout: str = "30s",
+              ca: str | None = None) -> str:
     return f"""
 [ota]
 keys = ["{keys}"]
 probation = "{probation}"
 trial_timeout = "{trial_timeout}"
+{f'ca = "{ca}"' if ca else ""}
 
 [runtime]
 num_threads = 1
@@ -52,10 +54,10 @@ num_threads = 1
 
 
 def start_device(tmp_path: Path, broker: Broker, pub: Path, *, device: str = DEVICE,
-                 probation: str = "2s", trial_timeout: str = "30s",
+                 probation: str = "2s", trial_timeout: str = "30s", ca: str | None = None,
                  env: dict[str, str] | None = None) -> AgentProcess:
     cfg = write_config(tmp_path / "agent.toml", broker, broker, PIPELINE, device=device,
-                       extra=ota_table(pub, probation, trial_timeout))
+                       extra=ota_table(pub, probation, trial_timeout, ca))
     agent = AgentProcess(cfg, env=env)
     agent.wait_ready()
     return agent

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from brokers import Broker
+from brokers import Broker, Certs
 from candidates import catalog_dir, model_dir
 from device import (
     NAME,
@@ -32,6 +32,7 @@ from device import (
     start_device,
     tar_of,
 )
+from nginx import Nginx  # type: ignore[import-not-found]
 from ota_util import Keys  # type: ignore[import-not-found]
 
 from agent.ota.release import Policy
@@ -308,3 +309,23 @@ def test_kill_9_in_downloading_trial_and_probation_resumes_to_committed(
     # kill -9 loses no accepted frame: each gives an event (one in flight at a kill may
     # give two: at least once)
     assert len(events) >= sent
+
+
+def test_a_release_with_an_https_location_is_fetched_from_it(
+        tmp_path: Path, broker: Broker, ota_keys: Keys, certs: Certs) -> None:
+    """`push --url`: the device downloads the artifact from nginx (Range requests, the CA
+    of [ota] ca) and commits it; the MQTT chunks stay the fallback."""
+    agent = start_device(tmp_path, broker, ota_keys.pub_path, ca=certs.ca)
+    tar, release_json = pack(catalog_dir(), 2, tmp_path / "out", ota_keys.private,
+                             policy=Policy(probation_s=1.0))
+    try:
+        with Nginx(tmp_path / "nginx", certs) as web, Watch(broker.url) as watch:
+            web.put(tar.name, tar.read_bytes())
+            push(release_json, broker, urls=(web.url(tar.name),))
+            done = watch.state(2, "committed", agent)
+            served = web.requests()
+    finally:
+        agent.stop()
+    assert done["active"]["version"] == 2
+    assert served and served[-1][0] in (200, 206)
+    assert sum(r[2] for r in served) >= tar.stat().st_size

@@ -6,6 +6,8 @@
     fogwhisk model sign RELEASE_JSON --key KEYFILE [--trust PUBFILE ...]
     fogwhisk model push RELEASE_JSON --broker URL --device ID [--device ...] [--url ...]
     fogwhisk model status --broker URL [--device ID] [--name NAME] [--watch] [--json]
+    fogwhisk model rollout RELEASE_JSON --broker URL (--devices FILE | --device ID ...)
+                           [--canary 2] [--wave-factor 2] [--max-failed 10%] [--resume]
 
 `agent.__main__` adds these under its `model` command with `add_parsers` and hands the parsed
 arguments to `main`. Exit codes: 0 ok, 1 refused (the one-line reason on stderr, from
@@ -21,7 +23,7 @@ from typing import Any
 
 from agent.schema import parse_duration
 
-COMMANDS = ("keygen", "pack", "sign", "push", "status")
+COMMANDS = ("keygen", "pack", "sign", "push", "status", "rollout")
 EXIT_OK = 0
 
 _POLICY_HELP = ("max_latency_ratio (trial and probation p95 over the active model's, default "
@@ -94,6 +96,10 @@ def add_parsers(sub: Any) -> None:
     status.add_argument("--json", action="store_true", dest="as_json",
                         help="JSON lines for scripts instead of a table")
 
+    from agent.ota import rollout  # its options; paho is imported only when one runs
+
+    rollout.add_parser(sub, _broker_arguments)
+
 
 def _broker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", required=True, metavar="URL",
@@ -119,6 +125,10 @@ def main(args: argparse.Namespace) -> int:
                     args.out)
     if command == "sign":
         return sign(args.release_json, args.key, args.trust)
+    if command == "rollout":
+        from agent.ota import rollout
+
+        return rollout.main(args)
     # Transfer and status are the push module's (MQTT clients: operator side only).
     from agent.ota import push as push_mod  # type: ignore[attr-defined,unused-ignore]
 

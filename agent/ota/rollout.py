@@ -241,10 +241,10 @@ class Fleet:
 
     A device's outcome: `pending` (not pushed), `waiting` (pushed, no report since),
     the state of its latest report, `timed_out`, or `cancelled` (told to drop the release
-    when the rollout stopped: what it says afterwards is no longer the rollout's). A report with a seq not above the
-    last one kept is stale; a report about another version is not about this rollout;
-    one that predates the push of a device that had already refused this version
-    (`stale`: its seq then) says nothing about this push.
+    when the rollout stopped: what it says afterwards is no longer the rollout's).
+    A report with a seq not above the last one kept is stale; a report about another
+    version is not about this rollout; one that predates the push of a device that had
+    already refused this version (`stale`: its seq then) says nothing about this push.
     """
 
     def __init__(self, version: int, devices: Iterable[str]) -> None:

@@ -13,6 +13,7 @@ SUITES: dict[str, str] = {
     "relay": "agent.bench.relay",
     "vision": "agent.bench.vision",
     "blackhole": "agent.bench.blackhole",
+    "ota": "agent.bench.ota",
 }
 
 

@@ -115,9 +115,9 @@ class Controller:
         self.consumers = consumers(cfg)
         self.prefix = cfg.device.prefix
         self.device = cfg.device.id
+        self.https = fetch.HttpsFetcher(_https_ca(cfg), STALL_S)
         self.fetchers: list[fetch.Fetcher] = [
-            fetch.HttpsFetcher(_https_ca(cfg), STALL_S),
-            fetch.MqttChunkFetcher(uplink, self.prefix, STALL_S)]
+            self.https, fetch.MqttChunkFetcher(uplink, self.prefix, STALL_S)]
         self.states: dict[str, ModelState] = {}
         self.releases: dict[str, Release] = {}  # the release of each unfinished update
         self.work: dict[str, asyncio.Task[None]] = {}
@@ -198,6 +198,8 @@ class Controller:
         """Subscribe to deploys, resume unfinished updates, then serve until cancelled."""
         self._wake = asyncio.Event()
         deploy = f"{self.prefix}/{self.device}/models/+/deploy"
+        # Loading the system's CA store takes tens of ms: not on the loop, mid-download.
+        await asyncio.to_thread(self.https._tls)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

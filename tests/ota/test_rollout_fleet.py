@@ -1,0 +1,182 @@
+"""`fogwhisk model rollout` against real agents: six agent processes on one Mosquitto,
+each running a detect pipeline on shapes-ssd (the catalog's own small model) with OTA on.
+
+The six agents are started once for the module (starting them is most of the cost);
+each test rolls out a higher version than any before it, so the order of the tests
+does not matter. The many-device logic is tested with simulated devices in
+test_rollout.py; here: the canaries stop a bad release before wave 2, a good one
+reaches all six while their event streams stay intact, and --resume after kill -9
+pushes nobody twice. Last, the device side of a stopped rollout: an empty deploy
+makes an agent drop the update in hand.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_proc import AgentProcess, write_config
+from brokers import ROOT, Broker
+from candidates import catalog_dir, model_dir
+from device import NAME, PIPELINE, Frames, ota_table, pack
+from helpers import Collector, publish_one
+from ota_util import Keys  # type: ignore[import-not-found]
+
+from agent.ota.release import Policy
+from agent.ota.rollout import Options, rollout
+
+DEVICES = [f"fleet-{i}" for i in range(1, 7)]  # fleet-1 and fleet-2 are the canaries
+
+
+@dataclass
+class Fleet:
+    broker: Broker
+    agents: dict[str, AgentProcess]
+    out: Path
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d}\n{a.log()[-3000:]}" for d, a in self.agents.items())
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, ota_keys: Keys) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("rollout-fleet")
+    broker = Broker("fleet", tmp / "broker").start()
+    agents: dict[str, AgentProcess] = {}
+    try:
+        for d in DEVICES:  # all six start at once, then each is waited for
+            (tmp / d).mkdir()
+            cfg = write_config(tmp / d / "agent.toml", broker, broker, PIPELINE, device=d,
+                               extra=ota_table(ota_keys.pub_path, probation="1s"))
+            agents[d] = AgentProcess(cfg)
+        for a in agents.values():
+            a.wait_ready(60)
+        yield Fleet(broker, agents, tmp / "out")
+    finally:
+        for a in agents.values():
+            a.kill()
+        broker.kill()
+
+
+def run(release: Path, f: Fleet, **options: Any) -> tuple[int, dict[str, Any], str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = rollout(release, f.broker.url, devices=DEVICES,
+                   options=Options(**{"wave_timeout_s": 120.0, **options}), as_json=True,
+                   out=out, err=err, tick_s=0.05)
+    return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def deployed(c: Collector, version: int) -> dict[str, int]:
+    """Deploys of `version` per device, as the broker passed them on."""
+    got: dict[str, int] = {}
+    for m in c.snapshot("fog/+/models/+/deploy"):
+        if m.payload and json.loads(m.payload)["signed"]["version"] == version:
+            d = m.topic.split("/")[1]
+            got[d] = got.get(d, 0) + 1
+    return got
+
+
+def states(f: Fleet) -> dict[str, dict[str, Any]]:
+    """Each device's retained state report."""
+    fence = "fence/rollout-fleet"
+    with Collector(f.broker.url, [f"fog/+/models/{NAME}/state", fence]) as c:
+        publish_one(f.broker.url, fence, b".")
+        c.wait_for(1, topic=fence)
+        return {m.topic.split("/")[1]: json.loads(m.payload)
+                for m in c.snapshot(f"fog/+/models/{NAME}/state")}
+
+
+def test_a_release_failing_its_trial_on_the_canaries_stops_before_wave_2(
+        fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
+    """A release whose model crashes the trial (SIGSEGV): the canaries reject it, the
+    rollout stops with exit 1 and the reason, and the four other agents never get a
+    deploy: their state still says version 1 with no update."""
+    crashing = model_dir(tmp_path, "crash", knobs={"wrap": "litert", "crash": "invoke"})
+    _, release = pack(crashing, 2, tmp_path / "out", ota_keys.private)
+    before = states(fleet)
+    with Collector(fleet.broker.url, "fog/+/models/+/deploy") as c:
+        code, summary, err = run(release, fleet)
+        got = {m.topic.split("/")[1] for m in c.snapshot()}
+    assert code == 1, (summary, fleet.logs())
+    assert summary["status"] == "aborted" and summary["wave"] == 1, summary
+    assert re.match(r"[12] of 2 devices pushed failed", summary["reason"]), summary
+    assert "aborted" in err
+    assert summary["failures"], summary
+    for f in summary["failures"]:
+        assert f["state"] == "rejected" and f["reason"].startswith("trial crashed"), f
+    assert got <= {"fleet-1", "fleet-2"}, got
+    after = states(fleet)
+    for d in DEVICES[2:]:
+        assert after[d] == before[d], d
+        assert after[d]["active"]["version"] == 1
+
+
+def test_a_good_release_reaches_every_agent_and_every_event_arrives(
+        fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
+    """Waves of 2 and 4: all six commit version 3 while frames flow; every frame gives
+    one event on each agent, in order, the version they name never going back."""
+    _, release = pack(catalog_dir(), 3, tmp_path / "out", ota_keys.private,
+                      policy=Policy(probation_s=1.0))
+    with Collector(fleet.broker.url, ["fog/+/events/#", "fog/+/models/+/deploy"]) as c, \
+            Frames(fleet.broker.url, fps=4) as frames:
+        code, summary, err = run(release, fleet)
+        time.sleep(1.0)  # a few frames on the new version
+        sent = frames.stop()
+        deadline = time.monotonic() + 30
+        while any(len(c.snapshot(f"fog/{d}/events/#")) < sent for d in DEVICES):
+            assert time.monotonic() < deadline, "events missing"
+            time.sleep(0.1)
+        events = {d: [json.loads(m.payload) for m in c.snapshot(f"fog/{d}/events/#")]
+                  for d in DEVICES}
+    assert code == 0, (summary, err, fleet.logs())
+    assert summary["status"] == "succeeded" and summary["waves"] == [2, 4]
+    assert summary["counts"] == {"committed": 6}
+    assert deployed(c, 3) == {d: 1 for d in DEVICES}
+    for d, evs in events.items():
+        assert len(evs) == sent, (d, len(evs), sent)
+        assert [e["seq"] for e in evs] == sorted(e["seq"] for e in evs), d
+        versions = [e["model"]["version"] for e in evs]
+        assert versions == sorted(versions) and versions[-1] == 3, (d, versions)
+    assert all(s["active"]["version"] == 3 for s in states(fleet).values())
+
+
+def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
+        fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
+    """The rollout process is killed (-9) while wave 2 is in probation; --resume finishes
+    it: all six agents commit version 4, each got the release exactly once."""
+    _, release = pack(catalog_dir(), 4, tmp_path / "out", ota_keys.private,
+                      policy=Policy(probation_s=3.0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agent", "model", "rollout", str(release), "--broker",
+            fleet.broker.url, "--json"]
+    record = f"fog/_rollouts/{NAME}-4"
+    with Collector(fleet.broker.url, ["fog/+/models/+/deploy", record]) as c:
+        first = subprocess.Popen([*base, *(a for d in DEVICES for a in ("--device", d))],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 90
+            while not any(m.payload and "1" in json.loads(m.payload)["pushed"]
+                          for m in c.snapshot(record)):
+                assert first.poll() is None, first.communicate()
+                assert time.monotonic() < deadline, fleet.logs()
+                time.sleep(0.05)
+        finally:
+            first.kill()
+            first.wait()
+        again = subprocess.run([*base, "--resume"], env=env, capture_output=True, text=True,
+                               timeout=120, check=False)
+        assert again.returncode == 0, (again.stderr, fleet.logs())
+        summary = json.loads(again.stdout)
+        assert deployed(c, 4) == {d: 1 for d in DEVICES}
+    assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 6}
+    assert all(s["active"]["version"] == 4 for s in states(fleet).values())

@@ -14,6 +14,7 @@ SUITES: dict[str, str] = {
     "vision": "agent.bench.vision",
     "blackhole": "agent.bench.blackhole",
     "ota": "agent.bench.ota",
+    "rollout": "agent.bench.rollout",
 }
 
 

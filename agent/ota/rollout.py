@@ -539,7 +539,8 @@ class _Rollout:
         self.failures_said: set[str] = set()
         self.owned = False  # the owner topic names this process
         self.decided_at: float | None = None  # when the wave in hand was decided (monotonic)
-        self.decision_ms: dict[int, float] = {}
+        self.decide_ms: dict[int, float] = {}  # last device of the wave before -> push
+        self.push_ms: dict[int, float] = {}  # the push: record, deploys, record
         self.judge_s: deque[float] = deque(maxlen=10_000)
         self.loaded_s = 0.0
         self.started = time.monotonic()
@@ -569,11 +570,14 @@ class _Rollout:
 
     # the command's thread
 
-    def subscribe(self, *filters: str, qos: int = 1) -> None:
-        """Subscribe and return once their retained messages are in (a second SUBSCRIBE is
-        the fence: Mosquitto answers a subscription's retained messages before the next)."""
+    def subscribe(self, *filters: str) -> None:
+        """Subscribe and return once their retained messages are in: a second SUBSCRIBE is
+        the fence, Mosquitto answers it after the first one's retained messages. At QoS 0:
+        retained QoS 1 messages wait behind the broker's in-flight window (20 by default)
+        while the fence's SUBACK does not, so it came after the first 20 of 10,000. QoS 0
+        loses nothing on a live connection, and a lost one ends the run (--resume)."""
         s = self.session
-        _, mid = self.client.subscribe([(f, qos) for f in filters])
+        _, mid = self.client.subscribe([(f, 0) for f in filters])
         _, fence = self.client.subscribe(f"{self.prefix}/_fence/{uuid.uuid4().hex}", qos=0)
         assert mid is not None and fence is not None
         s.wait(lambda: mid in s.subacks and fence in s.subacks, "a SUBACK")
@@ -732,6 +736,9 @@ class _Rollout:
         rec = self.rec
         assert rec is not None
         devices = rec.waves[w]
+        t0 = time.monotonic()
+        if w > 0 and self.decided_at is not None:
+            self.decide_ms[w] = (t0 - self.decided_at) * 1000
         todo = devices
         if w in rec.pushing:  # resumed: the push began; only the devices without the release
             have = self.deployed(devices)
@@ -753,8 +760,7 @@ class _Rollout:
                    + (f" ({len(devices) - len(todo)} had it already)" if todo != devices
                       else ""))
         self.save()
-        if w > 0 and self.decided_at is not None:
-            self.decision_ms[w] = (time.monotonic() - self.decided_at) * 1000
+        self.push_ms[w] = (time.monotonic() - t0) * 1000
         label = "canaries" if w == 0 else f"{len(devices)} devices"
         self.say(f"wave {w + 1} of {len(rec.waves)} ({label}): deployed to {len(todo)}")
 
@@ -879,8 +885,10 @@ class _Rollout:
     def timings(self) -> dict[str, Any]:
         js = sorted(self.judge_s) or [0.0]
         return {"states_loaded_s": round(self.loaded_s, 4),
-                "decision_ms": {str(w + 1): round(ms, 2) for w, ms in
-                                self.decision_ms.items()},
+                "waves": [{"wave": w + 1, "devices": len(self.rec.waves[w]) if self.rec else 0,
+                           "decide_ms": round(self.decide_ms[w], 2) if w in self.decide_ms
+                           else None,
+                           "push_ms": round(ms, 2)} for w, ms in sorted(self.push_ms.items())],
                 "judge_us": {"median": round(statistics.median(js) * 1e6, 1),
                              "max": round(js[-1] * 1e6, 1), "calls": len(self.judge_s)}}
 

@@ -237,10 +237,13 @@ def retained(broker: Broker, topic_filter: str) -> dict[str, bytes]:
 
 
 def deploys(c: Collector) -> tuple[dict[str, int], dict[str, int]]:
-    """Releases and empty deploys per device, as the broker passed them on."""
+    """Releases and empty deploys per device published while `c` listened (the retained
+    ones it found when it subscribed are left out)."""
     full: dict[str, int] = {}
     empty: dict[str, int] = {}
     for m in c.snapshot("fog/+/models/+/deploy"):
+        if m.retain:
+            continue
         d = m.topic.split("/")[1]
         counts = full if m.payload else empty
         counts[d] = counts.get(d, 0) + 1
@@ -466,3 +469,30 @@ def test_the_command_refuses_bad_options_before_it_connects(
         assert got.returncode == 2, (args, got.stderr)
         assert text in got.stderr, (args, got.stderr)
 
+
+
+def test_a_wave_cut_mid_push_is_resumed_with_only_the_devices_without_the_release(
+        broker: Broker, release: Path, sim_factory: Any) -> None:
+    """The record says the push of a 200-device wave began and never says it ended (the
+    process died in the middle): --resume reads every retained deploy (all 150, not the
+    first 20 the broker's in-flight window lets through before a fence) and pushes only
+    the 50 devices without the release."""
+    import hashlib
+
+    from agent.ota import push as pushing
+
+    sim = sim_factory(200)
+    pushing.push(release, broker.url, devices=sim.ids[:150], out=io.StringIO())
+    rec = Record(NAME, 2, hashlib.sha256(release.read_bytes()).hexdigest(),
+                 Options(canary=200), [sim.ids], pushing={0: time.time()}, started=time.time())
+    publish_one(broker.url, RECORD, json.dumps(rec.to_json()).encode(), retain=True)
+    with Collector(broker.url, "fog/+/models/+/deploy") as c:
+        out = io.StringIO()
+        code = rollout(release, broker.url, resume=True, as_json=True, out=out,
+                       err=io.StringIO(), tick_s=0.05)
+        summary = json.loads(out.getvalue())
+    assert code == 0, summary
+    assert summary["counts"] == {"committed": 200}
+    assert deploys(c) == ({d: 1 for d in sim.ids[150:]}, {})
+    assert "wave 1: deployed to 50 devices (150 had it already)" in \
+        [d["decision"] for d in summary["decisions"]]

@@ -801,13 +801,17 @@ class _Rollout:
     def follow(self) -> None:
         rec = self.rec
         assert rec is not None
-        seen = -1
+        seen, orphaned = -1, False
         while not rec.over:
             self.check_lost()
             self.show()
             seen = self.fleet.wait(seen, self.tick_s)
             with self.session.cond:
-                raw = self.record_raw
+                raw, owner = self.record_raw, self.owner_raw
+            if not owner and not orphaned:
+                self.say("nobody runs this rollout now (no owner on the broker): --resume "
+                         "continues it; watching until someone does")
+            orphaned = not owner
             if raw:
                 new = Record.from_json(raw)
                 if new.updated != rec.updated:

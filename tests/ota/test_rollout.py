@@ -388,7 +388,8 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_a_device_twice(
         broker: Broker, release: Path, sim_factory: Any, tmp_path: Path) -> None:
     """The rollout process is killed (-9) while its second wave is in trial; --resume
     (another process) finds the record and the owner cleared by the broker, watches that
-    wave to its end and pushes the rest: every device got the release exactly once."""
+    wave to its end and pushes the rest: every device got the release exactly once. A
+    --watch started between the two follows the rollout to its end across both."""
     sim = sim_factory(14, {"default": {"hold_s": 1.0}})
     ids = tmp_path / "devices.txt"
     ids.write_text("# canaries first\n" + "\n".join(sim.ids) + "\n")
@@ -404,13 +405,18 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_a_device_twice(
             first.kill()
             first.wait()
         assert deploys(c)[0] == {d: 1 for d in sim.ids[:6]}
+        follower = subprocess.Popen(cli(str(release), "--broker", broker.url, "--watch"),
+                                    env=env(), stdout=subprocess.PIPE, text=True)
         again = subprocess.run(cli(str(release), "--broker", broker.url, "--resume",
                                    "--json"), env=env(), capture_output=True, text=True,
                                timeout=60, check=False)
         assert again.returncode == 0, again.stderr
         summary = json.loads(again.stdout)
         full, empty = deploys(c)
+        followed, _ = follower.communicate(timeout=30)
     watch.stop()
+    assert follower.returncode == 0, followed
+    assert "rollout shapes-ssd 2: succeeded" in followed
     assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 14}
     assert full == {d: 1 for d in sim.ids} and empty == {}
     decisions = [d["decision"] for d in summary["decisions"]]

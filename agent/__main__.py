@@ -177,6 +177,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = config.load(args.config)
         config.preflight(cfg)
+        if cfg.ota.enabled:  # as run does: a key file that is no Ed25519 public key stops it
+            from pathlib import Path
+
+            from agent.ota.release import load_public_keys
+
+            load_public_keys([Path(k) for k in cfg.ota.keys])
         print(json.dumps(_redacted(to_dict(cfg)), indent=2, default=str))
         print(f"{args.config}: ok", file=sys.stderr)
         return EXIT_OK

@@ -127,3 +127,24 @@ def test_a_redelivered_deploy_after_a_restart_is_not_taken_twice(
         agent.stop()
     assert max(d["seq"] for d in after) == done["seq"]
     assert agent.log().count("passed its trial") == 1
+
+
+def test_check_config_and_run_refuse_a_key_file_that_is_no_public_key(
+        tmp_path: Path, broker: Broker, ota_keys: Keys) -> None:
+    """Both name ota.keys and the file, exit 2: a private key, a missing file."""
+    import subprocess
+    import sys
+
+    from agent_proc import write_config
+    from brokers import ROOT
+    from device import PIPELINE, ota_table
+
+    for label, key in (("private", ota_keys.key_path), ("missing", tmp_path / "none.pub")):
+        cfg = write_config(tmp_path / f"{label}.toml", broker, broker, PIPELINE,
+                           extra=ota_table(key))
+        for command in ("check-config", "run"):
+            done = subprocess.run([sys.executable, "-m", "agent", command, "-c", str(cfg)],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                  check=False)
+            assert done.returncode == 2, (label, command, done.stderr)
+            assert f"ota.keys: {key}" in done.stderr, (label, command, done.stderr)

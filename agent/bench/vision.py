@@ -4,10 +4,11 @@ One run, same frames (vtest.avi as JPEG) and the same model:
   (a) a bare loop: imdecode + resize + invoke + decode outputs;
   (b) the agent end to end: frames in over MQTT (local Mosquitto), events
       out at the uplink Mosquitto; its fps over (a)'s (the bar is 0.9);
-  (c) the agent's RSS, peak (VmHWM) and steady (VmRSS), next to the 120 MiB
-      bar: idle with a relay pipeline only; idle with the relay and a camera
-      pipeline (decode, motion, detect, track, publish); and that pipeline
-      taking the JPEG frames over MQTT at full rate;
+  (c) the agent's RSS on the rpi-zero2w profile, peak (VmHWM) and steady
+      (VmRSS), next to the 120 MiB bar: idle with a relay pipeline only; idle
+      with the relay and a camera pipeline (decode, motion, detect, track,
+      publish); that pipeline taking frames from a camera at 10 fps; and taking
+      all the JPEG frames at once, as fast as the broker hands them over;
   the motion gate's ms per frame at 640x480 and 1280x720 next to OpenCV's
   MOG2 on the same frames, and the share of vtest.avi frames it spares
   from inference.
@@ -118,12 +119,19 @@ steps = [{ action = "forward" }]
 MEMORY_BAR_MIB = 120  # the rpi-zero2w profile's unit has 192M, the broker needs its share
 
 
-def write_config(work: Path, lport: int, uport: int, threads: int, pipelines: str) -> Path:
+def write_config(work: Path, lport: int, uport: int, threads: int, pipelines: str,
+                 pi: bool = False) -> Path:
+    """The agent's config; `pi`: on the rpi-zero2w profile (its 192M unit), inference
+    threads still `threads`."""
     cfg = work / "agent.toml"
+    profile = 'profile = "rpi-zero2w"' if pi else ""
     cfg.write_text(f"""
 [device]
 id = "bench"
+{profile}
 data_dir = "{work / 'data'}"
+[outbox]
+min_free_bytes = "1MB"
 [local]
 url = "mqtt://127.0.0.1:{lport}"
 [uplink]
@@ -183,10 +191,40 @@ def mqtt_client(port: int) -> Any:
     return client
 
 
+def reset_peak(pid: int) -> None:
+    """Start VmHWM over from the current RSS (proc(5): clear_refs, 5), to measure a phase."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class _Finished:
+    """Frames the camera pipeline finished, from the agent's telemetry (1 s)."""
+
+    def __init__(self, port: int) -> None:
+        self.n = 0
+        self.changed = threading.Condition()
+        self.client = mqtt_client(port)
+        self.client.on_message = self.on_message
+        self.client.subscribe("fog/bench/telemetry", qos=0)
+
+    def on_message(self, c: Any, u: Any, m: Any) -> None:
+        cam = json.loads(m.payload).get("pipelines", {}).get("camera", {})
+        with self.changed:
+            self.n = int(cam.get("latency_ms", {}).get("total", {}).get("n", 0))
+            self.changed.notify_all()
+
+    def wait(self, n: int, timeout_s: float) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.n >= n, timeout_s):
+                raise RuntimeError(f"the agent finished {self.n} of {n} frames")
+
+
 def memory(model: str, jpegs: list[bytes], threads: int, settle_s: float = 2.0,
+           paced: int = 60, fps: float = 10.0,
            timeout_s: float = 300.0) -> list[tuple[str, dict[str, int]]]:
-    """RSS of the agent process: relay only idle; relay + camera pipeline idle, then while
-    it takes `jpegs` at full rate (QoS 1, as fast as the broker takes them) and after."""
+    """RSS of the agent process (rpi-zero2w profile): relay only, idle; relay + camera
+    pipeline, idle; then the peak while it takes `paced` frames from a camera at `fps`;
+    then the peak while it takes all `jpegs` as fast as the broker takes them (QoS 1).
+    Each running row: the phase's VmHWM, and VmRSS `settle_s` after its last frame."""
     rows: list[tuple[str, dict[str, int]]] = []
     camera = (f'[[pipeline]]\nname = "camera"\ntrigger = "cameras/+/jpeg"\n'
               f"steps = {CAMERA_STEPS.replace('MODEL', model)}\n")
@@ -195,7 +233,7 @@ def memory(model: str, jpegs: list[bytes], threads: int, settle_s: float = 2.0,
         local, lport = start_broker(work, "local")
         uplink, uport = start_broker(work, "uplink")
         try:
-            agent = start_agent(work, write_config(work, lport, uport, threads, RELAY))
+            agent = start_agent(work, write_config(work, lport, uport, threads, RELAY, True))
             try:
                 wait_ready(agent, work)
                 time.sleep(settle_s)
@@ -203,38 +241,34 @@ def memory(model: str, jpegs: list[bytes], threads: int, settle_s: float = 2.0,
             finally:
                 stop_agent(agent)
             agent = start_agent(work, write_config(work, lport, uport, threads,
-                                                   RELAY + camera))
+                                                   RELAY + camera, True))
             try:
                 wait_ready(agent, work)
                 time.sleep(settle_s)
                 rows.append(("relay + camera pipeline, idle", vm_kib(agent.pid)))
-                done = threading.Event()
-                taken = [0]
-
-                def on_message(c: Any, u: Any, m: Any) -> None:
-                    doc = json.loads(m.payload)
-                    cam = doc.get("pipelines", {}).get("camera", {})
-                    taken[0] = cam.get("latency_ms", {}).get("total", {}).get("n", 0)
-                    if taken[0] >= len(jpegs):
-                        done.set()
-
-                sub = mqtt_client(uport)
-                sub.on_message = on_message
-                sub.subscribe("fog/bench/telemetry", qos=0)
+                finished = _Finished(uport)
                 pub = mqtt_client(lport)
                 try:
-                    for data in jpegs:
-                        pub.publish("cameras/bench/jpeg", data, qos=1)
-                    if not done.wait(timeout_s):
-                        raise RuntimeError(f"the agent took {taken[0]} of {len(jpegs)} frames")
-                    running = vm_kib(agent.pid)
-                    time.sleep(settle_s)
-                    after = vm_kib(agent.pid)
+                    phases = ((f"camera pipeline, {min(paced, len(jpegs))} frames at "
+                               f"{fps:g} fps", jpegs[:paced], fps),
+                              (f"camera pipeline, {len(jpegs)} frames at full rate",
+                               jpegs, 0.0))
+                    for label, frames, rate in phases:
+                        reset_peak(agent.pid)
+                        base = finished.n
+                        start = time.monotonic()
+                        for i, data in enumerate(frames):
+                            if rate:
+                                time.sleep(max(0.0, start + i / rate - time.monotonic()))
+                            pub.publish("cameras/bench/jpeg", data, qos=1)
+                        finished.wait(base + len(frames), timeout_s)
+                        peak = vm_kib(agent.pid)["VmHWM"]
+                        time.sleep(settle_s)
+                        rows.append((label, {"VmHWM": peak,
+                                             "VmRSS": vm_kib(agent.pid)["VmRSS"]}))
                 finally:
                     pub.loop_stop()
-                    sub.loop_stop()
-                rows.append((f"camera pipeline, {len(jpegs)} JPEG frames at full rate",
-                             {"VmHWM": running["VmHWM"], "VmRSS": after["VmRSS"]}))
+                    finished.client.loop_stop()
             finally:
                 stop_agent(agent)
         finally:
@@ -355,7 +389,7 @@ def run(argv: list[str]) -> int:
     for name, value, base in rows:
         print(f"  {name:<44} {value:>16}   {base}")
     if "memory_kib" in results or "memory_error" in results:
-        print(f"agent RSS (MiB), {args.threads} inference thread(s); "
+        print(f"agent RSS (MiB), rpi-zero2w profile, {args.threads} inference thread(s); "
               f"bar {MEMORY_BAR_MIB} MiB peak")
         print(f"  {'configuration':<44} {'peak VmHWM':>12} {'steady VmRSS':>13}")
         for label, vm in results.get("memory_kib", {}).items():

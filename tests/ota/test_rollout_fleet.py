@@ -36,6 +36,10 @@ from agent.ota.release import Policy
 from agent.ota.rollout import Options, rollout
 
 DEVICES = [f"fleet-{i}" for i in range(1, 7)]  # fleet-1 and fleet-2 are the canaries
+# Up to four trials run at once beside six agents on two cores: a sub-millisecond model's
+# p95 then jumps past 2 x its baseline now and then ("too slow"). Latency is not what
+# these tests are about; the trial's latency gate has its own tests.
+LENIENT = {"max_latency_ratio": 1000.0}
 
 
 @dataclass
@@ -126,7 +130,7 @@ def test_a_good_release_reaches_every_agent_and_every_event_arrives(
     """Waves of 2 and 4: all six commit version 3 while frames flow; every frame gives
     one event on each agent, in order, the version they name never going back."""
     _, release = pack(catalog_dir(), 3, tmp_path / "out", ota_keys.private,
-                      policy=Policy(probation_s=1.0))
+                      policy=Policy(probation_s=1.0, **LENIENT))
     with Collector(fleet.broker.url, ["fog/+/events/#", "fog/+/models/+/deploy"]) as c, \
             Frames(fleet.broker.url, fps=4) as frames:
         code, summary, err = run(release, fleet)
@@ -138,7 +142,7 @@ def test_a_good_release_reaches_every_agent_and_every_event_arrives(
             time.sleep(0.1)
         events = {d: [json.loads(m.payload) for m in c.snapshot(f"fog/{d}/events/#")]
                   for d in DEVICES}
-    assert code == 0, (summary, err, fleet.logs())
+    assert code == 0, (summary["failures"], summary["reason"], err, fleet.logs())
     assert summary["status"] == "succeeded" and summary["waves"] == [2, 4]
     assert summary["counts"] == {"committed": 6}
     assert deployed(c, 3) == {d: 1 for d in DEVICES}
@@ -155,7 +159,7 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
     """The rollout process is killed (-9) while wave 2 is in probation; --resume finishes
     it: all six agents commit version 4, each got the release exactly once."""
     _, release = pack(catalog_dir(), 4, tmp_path / "out", ota_keys.private,
-                      policy=Policy(probation_s=3.0))
+                      policy=Policy(probation_s=3.0, **LENIENT))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "agent", "model", "rollout", str(release), "--broker",
             fleet.broker.url, "--json"]
@@ -175,7 +179,7 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
             first.wait()
         again = subprocess.run([*base, "--resume"], env=env, capture_output=True, text=True,
                                timeout=120, check=False)
-        assert again.returncode == 0, (again.stderr, fleet.logs())
+        assert again.returncode == 0, (again.stdout[-3000:], fleet.logs())
         summary = json.loads(again.stdout)
         assert deployed(c, 4) == {d: 1 for d in DEVICES}
     assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 6}

@@ -78,6 +78,7 @@ VERIFY_S = 600.0
 TRIAL_STATE_S = 300.0  # the trial child has its own, shorter, `trial_timeout`
 STALL_S = 60.0  # a download without a new byte for this long fails
 MAX_INBOX = 64  # models with a deploy waiting; beyond, a deploy is refused unread
+CANCELLED = "cancelled by the operator"  # an empty deploy: the release was withdrawn
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +236,6 @@ class Controller:
 
     def _on_deploy(self, msg: Inbound) -> None:
         name = msg.topic.split("/")[-2]
-        if not msg.payload:  # the operator cleared the retained release
-            msg.ack()
-            return
         if name not in self.inbox and len(self.inbox) >= MAX_INBOX:
             log.warning("ota: %d models have a deploy waiting; %s refused unread",
                         len(self.inbox), msg.topic)
@@ -253,6 +251,10 @@ class Controller:
             self._wake.set()
 
     async def _handle(self, name: str, payload: bytes) -> None:
+        if not payload:  # the operator withdrew the release (a rollout that stopped)
+            if name in self.states:
+                await self._drop(name)
+            return
         now = time.time()
         digest = hashlib.sha256(payload).hexdigest()
         if name not in self.consumers:
@@ -289,6 +291,39 @@ class Controller:
         await asyncio.to_thread(write_atomic, self._path(name, "release"), doc)
         await self._apply(name, Offer(r.version, digest, now, self._timeouts(r)))
         self._start(name, r)
+
+    async def _drop(self, name: str) -> None:
+        """An empty deploy: the newest release of the model is withdrawn. One waiting for
+        probation to end is forgotten; an update in hand ends `rejected` (the version is
+        not blocked: a later push resumes it), or in probation `rolled_back`."""
+        waiting = self.deferred.pop(name, None)
+        if waiting is not None:
+            self._path(name, "deferred").unlink(missing_ok=True)
+            log.warning("ota: model %s: version %s dropped (it waited for probation to end): "
+                        "%s", name, _claimed_version(waiting), CANCELLED)
+            return
+        u = self.states[name].update
+        if u is None or not u.unfinished:
+            return
+        version = u.version
+        if u.state != "probation":
+            await self._cancel(name)
+            u = self.states[name].update  # it may have ended or swapped before it stopped
+            if u is None or not u.unfinished:
+                return
+        s = self.states[name]
+        if u.state == "probation":
+            await self._roll_back(name, CANCELLED)
+            return
+        if s.active is not None and \
+                await asyncio.to_thread(self.store.active, name) == version:
+            # Stopped between the switch on disk and the hub: the old version still runs.
+            await asyncio.to_thread(self.store.switch, name, s.active.version,
+                                    s.previous.version if s.previous else None)
+        log.warning("ota: model %s: version %s dropped: %s", name, version, CANCELLED)
+        self.counters.inc("rejected")
+        await self._apply(name, Fail(CANCELLED, time.time(), remember=False))
+        await self._finished(name, clean=False)
 
     async def _refuse(self, name: str, version: int | None, reason: str, now: float,
                       digest: str) -> None:

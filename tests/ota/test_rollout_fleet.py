@@ -28,7 +28,7 @@ import pytest
 from agent_proc import AgentProcess, write_config
 from brokers import ROOT, Broker
 from candidates import catalog_dir, model_dir
-from device import NAME, PIPELINE, Frames, ota_table, pack
+from device import NAME, PIPELINE, Frames, Watch, ota_table, pack, push
 from helpers import Collector, publish_one
 from ota_util import Keys  # type: ignore[import-not-found]
 
@@ -184,3 +184,55 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
         assert deployed(c, 4) == {d: 1 for d in DEVICES}
     assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 6}
     assert all(s["active"]["version"] == 4 for s in states(fleet).values())
+
+
+def test_an_empty_deploy_drops_the_update_in_hand_and_the_active_model_keeps_running(
+        tmp_path: Path, broker: Broker, ota_keys: Keys) -> None:
+    """What a stopped rollout tells a device, an empty retained deploy: version 2 in its
+    trial ends `rejected: cancelled by the operator` while version 1 detects every frame;
+    during version 3's probation, a first one drops version 4, which was waiting for the
+    probation to end (it never starts), a second one rolls version 3 back to version 1
+    with that reason."""
+    cfg = write_config(tmp_path / "agent.toml", broker, broker, PIPELINE, device="solo",
+                       extra=ota_table(ota_keys.pub_path, probation="60s"))
+    agent = AgentProcess(cfg)
+    agent.wait_ready()
+    slow = model_dir(tmp_path, "slow-load", knobs={"wrap": "litert", "load_ms": 4000})
+    _, v2 = pack(slow, 2, tmp_path / "o2", ota_keys.private)
+    _, v3 = pack(catalog_dir(), 3, tmp_path / "o3", ota_keys.private)
+    _, v4 = pack(catalog_dir(), 4, tmp_path / "o4", ota_keys.private)
+    deploy = f"fog/solo/models/{NAME}/deploy"
+    try:
+        with Watch(broker.url, device="solo") as watch, Frames(broker.url) as frames:
+            watch.wait_events(3)
+            push(v2, broker, "solo")
+            watch.state(2, "trial", agent)
+            publish_one(broker.url, deploy, b"", retain=True)
+            got = watch.state(2, "rejected", agent)
+            assert got["update"]["reason"] == "cancelled by the operator", got
+            assert got["active"]["version"] == 1
+            push(v3, broker, "solo")
+            watch.state(3, "probation", agent)
+            push(v4, broker, "solo")
+            agent.wait_log("version 4 waits")
+            publish_one(broker.url, deploy, b"", retain=True)
+            agent.wait_log("version 4 dropped")
+            assert watch.latest()["update"]["state"] == "probation"
+            publish_one(broker.url, deploy, b"", retain=True)
+            got = watch.state(3, "rolled_back", agent)
+            assert got["update"]["reason"] == "cancelled by the operator", got
+            assert got["active"]["version"] == 1
+            n = len(watch.events())
+            watch.wait_events(n + 10)  # a second at 10 fps: version 4 would have started
+            sent = frames.stop()
+            events = watch.wait_events(sent)
+            reports = watch.states()
+    finally:
+        agent.stop()
+    assert [d for d in reports if (d["update"] or {}).get("version") == 4] == []
+    assert len(events) == sent
+    versions = [e["model"]["version"] for e in events]
+    runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+    assert runs == [1, 3, 1], runs
+    errors = [ln for ln in agent.log().splitlines() if " ERROR " in ln or "Traceback" in ln]
+    assert all("rolled back to 1: cancelled by the operator" in ln for ln in errors), errors

@@ -630,6 +630,12 @@ class _Rollout:
             raise OtaError(f"the rollout of {what} is being run by {owner} (its connection "
                            f"is open): --watch follows it. If that process is gone and its "
                            f"broker never noticed, clear {self.owner_topic} (retained) first")
+        if mode == "new" and existing is not None and existing.status == "aborted" \
+                and existing.release == self.release_sha and existing.cancelled:
+            raise OtaError(f"the rollout of this release document stopped and told "
+                           f"{len(existing.cancelled)} devices to drop it; a device answers "
+                           "one release document once, so they would stay silent: pack it "
+                           "again (a new document, of this version or a higher one) to retry")
         if mode == "new":
             assert devices is not None and options is not None
             if existing is not None:
@@ -701,6 +707,11 @@ class _Rollout:
                 why = f"no final state within {_duration(rec.options.wave_timeout_s)}"
                 for d in v.devices:
                     last = self.fleet.outcome(d)
+                    with self.fleet.cond:
+                        before = self.fleet.reports.get(d) if d in rec.stale else None
+                    if last == "waiting" and before is not None:
+                        last += (f"; before this push it had reported {before.state}: "
+                                 f"{before.reason}")
                     rec.timed_out[d] = f"{why} (last: {last})"
                     self.fleet.time_out(d, rec.timed_out[d])
                 text = f"wave {w + 1}: {len(v.devices)} timed out: {_few(list(v.devices))}"

@@ -25,7 +25,7 @@ from brokers import ROOT, Broker
 from helpers import Collector, publish_one
 from ota_util import NOW, SHAPES, Keys  # type: ignore[import-not-found]
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, OtaError
 from agent.ota import pack as packing
 from agent.ota.rollout import (
     Fleet,
@@ -315,6 +315,9 @@ def test_failures_reaching_max_failed_stop_the_rollout_and_devices_in_flight_dro
     left = retained(broker, "fog/+/models/+/deploy")
     assert sorted(t.split("/")[1] for t in left) == ["sim-00000", "sim-00001", "sim-00002"]
     assert Record.from_json(retained(broker, RECORD)[RECORD]).status == "aborted"
+    with pytest.raises(OtaError, match="told 3 devices to drop it; a device answers one "
+                       "release document once"):
+        run_rollout(release, broker, sim.ids)
 
 
 def test_a_device_that_never_answers_times_out_and_counts_as_failed(

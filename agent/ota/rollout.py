@@ -531,7 +531,7 @@ class _Rollout:
         self.fleet = Fleet(self.rel.version, ())
         self.record_raw: bytes | None = None
         self.owner_raw: bytes | None = None
-        self.deploys: dict[str, bytes] | None = None  # collected while checking a resume
+        self.deploys: set[str] | None = None  # devices whose retained deploy is this release
         self.rec: Record | None = None
         self.shown_at = 0.0
         self.shown_lines = 0
@@ -555,8 +555,9 @@ class _Rollout:
                 self.fleet.offer(levels[1], bytes(msg.payload))
                 return
             if levels[4] == "deploy" and self.deploys is not None:
-                with self.session.cond:
-                    self.deploys[levels[1]] = bytes(msg.payload)
+                if self._ours(bytes(msg.payload)):
+                    with self.session.cond:
+                        self.deploys.add(levels[1])
                 return
         with self.session.cond:
             if topic == self.topic:
@@ -778,20 +779,20 @@ class _Rollout:
     def deployed(self, devices: Sequence[str]) -> set[str]:
         """The devices whose retained deploy is this release (pushed before a crash)."""
         with self.session.cond:
-            self.deploys = {}
+            self.deploys = set()
         self.subscribe(self.deploy_filter)
         self.client.unsubscribe(self.deploy_filter)
         with self.session.cond:
-            got, self.deploys = self.deploys or {}, None
-        signed = self.rel.doc["signed"]
-        have = set()
-        for d in devices:
-            try:
-                if d in got and json.loads(got[d]).get("signed") == signed:
-                    have.add(d)
-            except (ValueError, AttributeError):
-                continue
-        return have
+            got, self.deploys = self.deploys, None
+        return got & set(devices)
+
+    def _ours(self, payload: bytes) -> bool:
+        """A deploy of this release (with or without push's unsigned `locations`)."""
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(doc, dict) and doc.get("signed") == self.rel.doc["signed"]
 
     def cancel(self) -> None:
         """Empty retained deploys to the devices that have not finished: they drop the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from brokers import ROOT, Broker, BrokerFactory, Certs
-from helpers import Collector, Tls, publish_one
+from helpers import Collector, Tls, connect, make_client, publish_one
 from ota_util import MAX, NOW, Keys, Packed  # type: ignore[import-not-found]
 
 from agent.config import BrokerConfig
@@ -290,3 +290,22 @@ def test_status_watch_prints_each_new_report_and_skips_an_older_one(fleet: Broke
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "downloading" not in out
+
+
+def test_status_shows_every_device_of_a_large_fleet(broker: Broker) -> None:
+    """500 retained reports all appear: the retained documents are read at QoS 0, so the
+    broker's in-flight limit cannot hold some back behind the fence that ends the read."""
+    client = make_client(broker.url)
+    connect(client, broker.url)
+    try:
+        infos = [client.publish(f"fog/cam-{i:04d}/models/{NAME}/state",
+                                json.dumps(state_doc(NAME, 1, None, 1)).encode(), 1, retain=True)
+                 for i in range(500)]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    out = io.StringIO()
+    assert status(broker.url, as_json=True, out=out, timeout_s=10) == 0
+    assert len({d["device"] for d in json.loads(out.getvalue())}) == 500

@@ -64,6 +64,7 @@ class Agent:
             subscriptions=self._subscriptions(), on_message=self._dispatch,
             receive_maximum=max(100, min(65535, sum(p.queue for p in cfg.pipelines) or 100)),
             clean_start=False)
+        self.outbox.intake = self.local  # sparse input: read once per commit interval
         self.uplink = Connection(
             "uplink", cfg.uplink, cfg.client_id("uplink"), self.telemetry,
             will=Will(self.status_topic, self._status_doc("offline")),

@@ -5,6 +5,8 @@
     ├── PayloadError       a message payload that an action cannot read
     ├── ConnectError       a broker refused or dropped the connection
     ├── OutboxError        the store-and-forward database cannot be used
+    │   ├── DiskFullError  the disk has no room for the next commit
+    │   └── OutboxBusyError another process holds the database's lock
     ├── ModelError         a model file, manifest or runtime is unusable
     └── OtaError           an over-the-air model update cannot go on
         ├── ReleaseError   a release document or artifact fails a check (its `reason`)
@@ -30,6 +32,14 @@ class ConnectError(AgentError):
 
 class OutboxError(AgentError):
     """Raised when the store-and-forward database cannot be opened or written."""
+
+
+class DiskFullError(OutboxError):
+    """Raised when a commit finds no room on the disk (SQLITE_FULL, ENOSPC)."""
+
+
+class OutboxBusyError(OutboxError):
+    """Raised when another process holds the outbox's lock ("database is locked")."""
 
 
 class ModelError(AgentError):

@@ -249,17 +249,15 @@ class Pipeline:
         return outs
 
     def _run_from(self, start: int, current: list[Message]) -> list[Outgoing]:
+        """Steps `start`.. on `current`: what leaves for the outbox."""
         outs: list[Outgoing] = []
-        for i in range(start, len(self.actions)):
-            current, produced = self._step(i, current)
+        names, actions = self._step_names, self.actions
+        for i in range(start, len(actions)):
+            current, produced = self._apply(i, names[i], actions[i].process, current)
             outs += produced
             if not current:
                 break
         return outs
-
-    def _step(self, i: int, current: list[Message]) -> tuple[list[Message], list[Outgoing]]:
-        """Step `i` on each message; what goes on, and what leaves for the outbox."""
-        return self._apply(i, self._step_names[i], self.actions[i].process, current)
 
     def _apply(self, i: int, name: str, fn: Callable[[Message], Sequence[Message | Outgoing]],
                current: list[Message]) -> tuple[list[Message], list[Outgoing]]:

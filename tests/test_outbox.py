@@ -415,3 +415,57 @@ def test_count_always_equals_rows_on_disk_under_any_mix_of_operations(
                                + h.outbox.count)
 
     run_outbox(tmp, cfg, body)
+
+
+def test_reject_new_admits_whole_inputs_up_to_the_bound_from_a_batch_larger_than_the_room(
+        tmp_path: Path) -> None:
+    """A gathered batch bigger than the room left is not refused whole: its first inputs
+    fill the outbox to the bound (each with all its outputs), the rest stay with the local
+    broker, unacknowledged."""
+    cfg = OutboxConfig(max_messages=10, on_full="reject_new")
+
+    async def body(h: Harness) -> None:
+        for i in range(6):
+            h.submit(i)
+        await h.outbox.flush()
+        for i in range(6, 9):  # three inputs of two outputs each: only two fit whole
+            h.outbox.submit([out(2 * i), out(2 * i + 1)], lambda i=i: h.acks.append(i))
+        await h.outbox.flush()
+        assert h.acks == [0, 1, 2, 3, 4, 5, 6, 7]
+        assert h.outbox.count == h.on_disk() == 10
+        assert not h.outbox.has_room()
+        h.outbox.acked(h.rows[0])
+        await h.outbox.flush()
+        assert h.acks == [0, 1, 2, 3, 4, 5, 6, 7]  # input 8 needs two rows of room
+        h.outbox.acked(h.rows[1])
+        await h.outbox.flush()
+        assert h.acks == list(range(9))
+        assert h.outbox.count == h.on_disk() == 10
+        assert h.outbox.has_room()
+
+    run_outbox(tmp_path, cfg, body)
+
+
+def test_drop_oldest_holds_the_bound_even_against_one_batch_larger_than_it(
+        tmp_path: Path) -> None:
+    """One commit of more rows than max_messages still leaves at most max_messages: the
+    oldest of the lowest lane go first, the batch's own included, each counted once;
+    a higher lane keeps every row."""
+    cfg = OutboxConfig(max_messages=10, on_full="drop_oldest")
+
+    async def body(h: Harness) -> None:
+        for i in range(4):
+            h.submit(i, priority=1)
+        await h.outbox.flush()
+        for i in range(4, 29):  # 25 bulk rows in one batch
+            h.submit(i, priority=0)
+        await h.outbox.flush()
+        assert h.outbox.count == h.on_disk() == 10
+        assert h.outbox.counters.values["dropped_full"] == 19
+        assert [r.payload[0] for r in await h.outbox.page(0, 0, 100)] == list(range(23, 29))
+        assert len(await h.outbox.page(1, 0, 100)) == 4
+        assert h.acks == list(range(29))
+        # The sender is handed only rows that are still there.
+        assert [r.payload[0] for r in h.rows if r.lane == 0] == list(range(23, 29))
+
+    run_outbox(tmp_path, cfg, body)

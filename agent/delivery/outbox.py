@@ -3,8 +3,14 @@
 A message accepted from the local bus is acknowledged there only after the
 transaction holding everything it produced has committed (`agent.delivery.store`); a
 row is deleted only after the next hop acknowledged it with a success reason
-code. Group commit: the next batch gathers while the current one syncs.
-Bounds (bytes, count, free disk) apply `on_full`; every drop is counted.
+code. Group commit: the next batch gathers while the current one syncs, and
+commits start at most once per `commit_interval_ms`, so at sensor rates many
+inputs share one transaction (one fsync, one trip to the writer thread).
+Deliveries start no transaction of their own: their deletes ride with the next
+commit, or go after `SETTLE_S` when no input comes (a crash before that resends
+those rows: duplicates under the same key, never a loss).
+Bounds (bytes, count, free disk) apply `on_full`, a whole input at a time;
+every drop is counted.
 An output on a topic no broker takes (a step's mistake) is never stored: it
 is counted as malformed on its pipeline and its input acknowledged.
 """
@@ -15,15 +21,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import operator
 import os
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agent.config import OutboxConfig
 from agent.delivery.store import (
@@ -34,11 +39,10 @@ from agent.delivery.store import (
     Evicted,
     Row,
     Store,
-    busy,
-    disk_full,
     holders,
 )
-from agent.errors import OutboxError
+from agent.delivery.writer import Writer
+from agent.errors import DiskFullError, OutboxBusyError, OutboxError
 from agent.messages import Done, Outgoing
 from agent.mqtt import topics
 from agent.telemetry import Telemetry
@@ -53,8 +57,33 @@ SHRINK_STEPS = 8  # incremental vacuum steps per commit while recovering
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
 OPEN_BUSY_S = 60.0  # how long a start waits for another process's lock on the file
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
+# Deliveries (deletes) wait for the next commit, this long at most when no input comes,
+# or until this many are waiting (an uplink draining a backlog).
+SETTLE_S = 1.0
+SETTLE_ROWS = 256
+# Inputs waiting for their commit that end the commit interval early, as a share of
+# how many unacknowledged messages the broker may send (`Intake.inbound_window`): it
+# sends nothing more until they are acknowledged. Without an intake: Mosquitto's
+# default limit of 20.
+EARLY_SHARE = 0.75
+EARLY_INPUTS = 16
 
 _TOPIC, _PAYLOAD = operator.itemgetter(0), operator.itemgetter(1)  # Outgoing fields
+
+
+class Pausable(Protocol):
+    """A connection whose input may wait in its socket for a while (`Outbox.quiet`)."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Intake(Pausable, Protocol):
+    """Where the input comes from (the local broker's connection)."""
+
+    @property
+    def inbound_window(self) -> int: ...
 
 
 class Outbox:
@@ -69,14 +98,14 @@ class Outbox:
         self.path = data_dir / DB_NAME
         self.counters = telemetry.component("outbox")
         self.telemetry = telemetry
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox")
+        self._writer = Writer("outbox")
         self.store: Store | None = None
         self.count = 0
         self.bytes = 0
         self._inserts: list[Outgoing] = []
-        # (the absolute index up to which inserts must be committed, then call it): a batch
-        # may end between inputs, never inside one.
-        self._dones: deque[tuple[int, Done]] = deque()
+        # Per input, in order: (the absolute index where its outputs end in `_inserts`, its
+        # ack or None). A batch may end inside an input; its ack waits for the rest.
+        self._dones: deque[tuple[int, Done | None]] = deque()
         self._base = 0  # the absolute index of _inserts[0] (dones hold absolute ends)
         self._deletes: list[tuple[int, int]] = []
         self._dead: list[tuple[Row, str]] = []
@@ -84,6 +113,9 @@ class Outbox:
         self._durable = False
         self._split = False  # the last commit failed: free space (deletes) before inserting
         self._wake = asyncio.Event()
+        self._window: asyncio.Future[None] | None = None  # the commit interval running
+        self._early = EARLY_INPUTS  # inputs waiting that end it early
+        self._settle_timer: asyncio.TimerHandle | None = None  # commits waiting deletes
         self._room = asyncio.Event()
         self._room.set()
         self._disk_free = 1 << 62
@@ -95,6 +127,13 @@ class Outbox:
         self.on_evicted: Callable[[int, int], None] = lambda lane, upto: None
         self.lanes_on_disk: set[int] = set()
         self._valid_topics: set[str] = set()
+        # While input is sparse, it waits in its socket (`intake`: the local broker's
+        # connection) during each commit and until the next may start, and is then read
+        # in one go; so do PUBACKs (`quiet`: the uplink's, while nothing else waits for
+        # them). A few loop wake-ups per commit instead of a few per message.
+        self.intake: Intake | None = None
+        self.quiet: list[Pausable] = []
+        self._holding = False
 
     async def open(self) -> None:
         """Open the store; wait (bounded) while another process holds its lock.
@@ -102,20 +141,17 @@ class Outbox:
         Raises ConfigError when the file cannot be written (it is kept: exit 2),
         OutboxError for anything else that keeps it from opening.
         """
-        loop = asyncio.get_running_loop()
         waited = 0.0
         while True:
             try:
-                self.store = await loop.run_in_executor(self._executor, Store, self.path,
-                                                        self.cfg)
-                self.count, self.bytes, lanes = await loop.run_in_executor(
-                    self._executor, self.store.totals)
+                self.store = await self._writer.call(Store, self.path, self.cfg)
+                self.count, self.bytes, lanes = await self._writer.call(self.store.totals)
                 break
-            except (sqlite3.Error, OSError) as exc:
+            except OutboxError as exc:
                 if self.store is not None:
                     self.store.close()
                     self.store = None
-                if not busy(exc) or waited >= OPEN_BUSY_S:
+                if not isinstance(exc, OutboxBusyError) or waited >= OPEN_BUSY_S:
                     raise OutboxError(f"cannot open the outbox at {self.path}: {exc}"
                                       f"{_by_whom(self.path)}") from exc
                 if waited == 0 or waited % 10 < RETRY_S:
@@ -157,9 +193,12 @@ class Outbox:
             if not self._durable and (self.cfg.bulk_synchronous == "FULL"
                                       or any(o.priority > 0 for o in items)):
                 self._durable = True
-        if done is not None:
-            self._dones.append((self._base + len(self._inserts), done))
+        dones = self._dones
+        dones.append((self._base + len(self._inserts), done))
         self._wake.set()
+        window = self._window
+        if window is not None and len(dones) >= self._early and not window.done():
+            window.set_result(None)
 
     def _publishable(self, items: list[Outgoing]) -> list[Outgoing]:
         """`items` without those on a topic no broker takes; each dropped one is counted.
@@ -212,8 +251,7 @@ class Outbox:
 
     def _settle(self, row: Row, counter: str) -> bool:
         """Delete `row` in the next commit; False when drop_oldest already counted it out."""
-        self._deletes.append((row.lane, row.id))
-        self._wake.set()
+        self._delete(row)
         if self.gone(row):
             return False
         self.count -= 1
@@ -225,10 +263,21 @@ class Outbox:
         """The next hop took `row` (success reason code): delete it in the next commit."""
         self._settle(row, "delivered")
 
+    def _delete(self, row: Row) -> None:
+        """Queue the delete of `row`; it starts a commit only when many wait, rows are held
+        for room (reject_new), or after SETTLE_S."""
+        deletes = self._deletes
+        deletes.append((row.lane, row.id))
+        if len(deletes) >= SETTLE_ROWS or (self._inserts and not self._room.is_set()):
+            self._wake.set()
+        elif self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_S,
+                                                                       self._wake.set)
+
     def to_dead(self, row: Row, reason: str) -> None:
         """Move `row` to the dead-letter table (refused by the broker, or too large)."""
         if self.gone(row):
-            self._deletes.append((row.lane, row.id))
+            self._delete(row)
             return
         self._dead.append((row, reason))
         self.count -= 1
@@ -250,30 +299,86 @@ class Outbox:
     async def run(self) -> None:
         """Commit batches forever; never lose what was submitted (retry on disk errors).
 
-        Continuous group commit: while one batch is in SQLite (and its fsync),
-        the next gathers in memory; it goes the moment the first returns.
+        Group commit: while one batch is in SQLite (and its fsync), the next gathers
+        in memory. A commit starts at most `commit_interval_ms` after the previous
+        one started (at once after a quiet spell): the most it adds to an input's
+        acknowledgement. A full batch, or EARLY_INPUTS inputs waiting, go at once.
         """
+        loop = asyncio.get_running_loop()
         interval = self.cfg.commit_interval_ms / 1000.0
-        while True:
-            if self._split:
-                # Recovering from a full disk: look again every second even when idle, to
-                # give freed pages back and make the reserve again (`_low_disk`).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), DISK_CHECK_S)
-                self._low_disk()
+        started = -math.inf
+        if self.intake is not None:
+            self._early = max(1, int(self.intake.inbound_window * EARLY_SHARE))
+        try:
+            while True:
+                if self._split:
+                    # Recovering from a full disk: look again every second even when idle,
+                    # to give freed pages back and make the reserve again (`_low_disk`).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), DISK_CHECK_S)
+                    self._low_disk()
+                else:
+                    await self._wake.wait()
+                wait = started + interval - loop.time()
+                if wait > 0 and len(self._dones) < self._early \
+                        and len(self._inserts) < self.cfg.commit_max_rows:
+                    # One timer per commit, never per message; `submit` may end it early.
+                    self._window = window = loop.create_future()
+                    timer = loop.call_later(wait, _resolve, window)
+                    try:
+                        await window
+                    finally:
+                        timer.cancel()
+                        self._window = None
+                self._wake.clear()
+                started = loop.time()
+                # Sparse: well below what ends an interval early, so pausing the input
+                # cannot hold the broker back (a busy input is read as it comes).
+                sparse = bool(interval) and len(self._dones) < self._early // 2 \
+                    and not self._split
+                self._hold(sparse)  # sparse input waits in its socket during the commit
+                try:
+                    await self.flush()
+                except OutboxError as exc:
+                    self._hold(False)
+                    self.counters.inc("commit_errors")
+                    self.telemetry.warn_burst("outbox:commit", "outbox: commit failed, will "
+                                              "retry (nothing acknowledged meanwhile): %s", exc)
+                    await asyncio.sleep(RETRY_S)
+                    self._wake.set()
+                    continue
+                if sparse:
+                    await self._quiet(started + interval)
+        finally:
+            self._hold(False)
+
+    def _hold(self, on: bool) -> None:
+        """Leave the input in its socket (on) or read it as it comes (off)."""
+        intake = self.intake
+        if intake is not None and on != self._holding:
+            self._holding = on
+            if on:
+                intake.pause_reading()
             else:
-                await self._wake.wait()
-            if interval and len(self._inserts) < self.cfg.commit_max_rows:
-                await asyncio.sleep(interval)  # linger: a bigger group for one fsync
-            self._wake.clear()
-            try:
-                await self.flush()
-            except OutboxError as exc:
-                self.counters.inc("commit_errors")
-                self.telemetry.warn_burst("outbox:commit", "outbox: commit failed, will retry "
-                                          "(nothing acknowledged meanwhile): %s", exc)
-                await asyncio.sleep(RETRY_S)
-                self._wake.set()
+                intake.resume_reading()
+
+    async def _quiet(self, until: float) -> None:
+        """Sparse input: until the next commit may start (`until`), what comes waits in
+        the sockets (the input's, and those in `quiet`); then it is read in one go.
+        One loop wake-up per commit interval instead of one per message or PUBACK."""
+        loop = asyncio.get_running_loop()
+        for p in self.quiet:
+            p.pause_reading()
+        try:
+            await asyncio.sleep(until - loop.time())
+        finally:
+            self._hold(False)
+            for p in self.quiet:
+                p.resume_reading()
+        # The loop polls the sockets in its next iteration and runs their callbacks
+        # (submits, PUBACKs) in the one after: then the next commit takes all of it.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
     async def flush(self) -> None:
         """Commit everything pending now; then acknowledge inputs and hand rows to the sender."""
@@ -321,7 +426,8 @@ class Outbox:
         states, self._states = self._states, {}
         if not (inserts or deletes or dead or evict or states):
             for _, d in dones:
-                d()
+                if d is not None:
+                    d()
             return
         try:
             await self._commit(inserts, dones, deletes, dead, evict, durable or bool(states),
@@ -332,7 +438,7 @@ class Outbox:
         if self._inserts and self._room.is_set():
             self._wake.set()  # more than one batch was waiting
 
-    def _take(self, n: int) -> tuple[list[Outgoing], list[tuple[int, Done]]]:
+    def _take(self, n: int) -> tuple[list[Outgoing], list[tuple[int, Done | None]]]:
         """The first `n` pending rows and the acks of the inputs they complete."""
         inserts = self._inserts[:n]
         del self._inserts[:n]
@@ -346,23 +452,25 @@ class Outbox:
 
     def _take_deletes(self) -> list[tuple[int, int]]:
         out, self._deletes = self._deletes, []
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
         return out
 
     def _take_dead(self) -> list[tuple[Row, str]]:
         out, self._dead = self._dead, []
         return out
 
-    async def _commit(self, inserts: list[Outgoing], dones: list[tuple[int, Done]],
+    async def _commit(self, inserts: list[Outgoing], dones: list[tuple[int, Done | None]],
                       deletes: list[tuple[int, int]], dead: list[tuple[Row, str]], evict: int,
                       durable: bool, states: dict[str, bytes] | None = None) -> None:
         assert self.store is not None
         t0 = time.perf_counter()
         try:
             # SQLite blocks (and fsyncs): the one writer thread, never the loop.
-            rows, evicted = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.store.commit, inserts, deletes, dead, evict, durable,
-                states)
-        except (sqlite3.Error, OSError) as exc:
+            rows, evicted = await self._writer.call(
+                self.store.commit, inserts, deletes, dead, evict, durable, states)
+        except OutboxError as exc:
             # Put everything back in front; nothing was acknowledged yet.
             n = len(inserts)
             self._inserts = inserts + self._inserts
@@ -371,22 +479,25 @@ class Outbox:
             self._deletes = deletes + self._deletes
             self._dead = dead + self._dead
             self._states = {**(states or {}), **self._states}  # newer state wins
-            self._split = self._split or disk_full(exc)
-            raise OutboxError(str(exc)) from exc
+            self._split = self._split or isinstance(exc, DiskFullError)
+            raise
         if self._split:
             await self._run(self.store.checkpoint)  # keep the WAL from growing the disk
         self.counters.observe("commit", (time.perf_counter() - t0) * 1000.0)
         self.counters.inc("commits")
-        if evicted:
-            self._evicted(evicted)
         if rows:
             self.count += len(rows)
             self.bytes += sum(len(r.payload) + len(r.topic) for r in rows)
             self.counters.inc("stored", len(rows))
             self._peak = max(self._peak, self.count)
+        if evicted:
+            self._evicted(evicted)
+            if rows:  # the sender gets only what is still there
+                rows = [r for r in rows if not self.gone(r)]
         self._publish_gauges()
         for _, d in dones:
-            d()  # the inputs may now be acknowledged to the local broker
+            if d is not None:
+                d()  # the inputs may now be acknowledged to the local broker
         if rows:
             self.on_rows(rows)
         if self.count == 0 and self._peak > VACUUM_AFTER_ROWS:
@@ -427,7 +538,7 @@ class Outbox:
             for _ in range(SHRINK_STEPS):
                 if not await self._call(lambda: store.shrink(keep, step)):
                     break
-        except sqlite3.Error as exc:
+        except OutboxError as exc:
             log.warning("outbox: giving free pages back failed: %s", exc)
 
     def _evicted(self, evicted: list[Evicted]) -> None:
@@ -449,7 +560,9 @@ class Outbox:
         self.counters.values["backlog_bytes"] = self.bytes
 
     def _admit(self, inserts: list[Outgoing]) -> tuple[int, int]:
-        """How many of `inserts` fit, and how many old rows to evict for them."""
+        """How many of `inserts` to take now, and how many rows to evict after inserting
+        them (drop_oldest: the oldest of the lowest lanes, the batch's own included, so
+        the bounds hold however large the batch)."""
         low_disk = self._low_disk()
         if not inserts:
             return 0, 0
@@ -460,17 +573,40 @@ class Outbox:
         if over_count <= 0 and over_bytes <= 0 and not low_disk:
             return n, 0
         if self.cfg.on_full == "reject_new":
-            if self.count == 0 and not low_disk:
-                return n, 0  # a batch larger than the bounds: take it rather than stall
-            self.counters.inc("rejected_full")
-            self.telemetry.warn_burst("outbox:reject", "outbox full (%d messages, %d bytes%s): "
-                                      "not acknowledging new input until it drains",
-                                      self.count, self.bytes, ", disk low" if low_disk else "")
-            return 0, 0
-        avg = max(1, self.bytes // max(1, self.count))
-        evict = max(over_count, -(-over_bytes // avg) if over_bytes > 0 else 0,
-                    n if low_disk else 0, 0)
-        return n, min(evict, self.count)
+            take = 0 if low_disk else self._whole_inputs(inserts)
+            if take < n:
+                self.counters.inc("rejected_full")
+                self.telemetry.warn_burst(
+                    "outbox:reject", "outbox full (%d messages, %d bytes%s): not "
+                    "acknowledging new input until it drains", self.count + take,
+                    self.bytes, ", disk low" if low_disk else "")
+            return take, 0
+        avg = max(1, (self.bytes + size) // (self.count + n))
+        evict = max(over_count, -(-over_bytes // avg) if over_bytes > 0 else 0, 0)
+        if low_disk:  # the disk is short: new rows take the place of old ones
+            evict = max(evict, min(n, self.count))
+        return n, min(evict, self.count + n)
+
+    def _whole_inputs(self, inserts: list[Outgoing]) -> int:
+        """How many of `inserts` (a prefix of the pending rows) fit the bounds, ending
+        with an input: the first inputs in order, each with all its outputs. An empty
+        outbox takes its first input whatever its size, rather than stall."""
+        rows_left = self.cfg.max_messages - self.count
+        bytes_left = self.cfg.max_bytes - self.bytes
+        fit = 0
+        for o in itertools.islice(inserts, max(0, rows_left)):
+            bytes_left -= len(o.payload) + len(o.topic)
+            if bytes_left < 0:
+                break
+            fit += 1
+        base, cut = self._base, 0
+        for end, _ in self._dones:
+            if end - base > fit:
+                if self.count == 0 and not cut:
+                    cut = min(end - base, len(inserts))
+                break
+            cut = end - base
+        return cut
 
     def _low_disk(self) -> bool:
         now = time.monotonic()
@@ -497,8 +633,7 @@ class Outbox:
     async def page(self, lane: int, after_id: int, limit: int) -> list[Row]:
         """The next rows of a lane from disk (never the whole backlog: RSS stays flat)."""
         assert self.store is not None
-        rows = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.store.page, lane, after_id, limit)
+        rows = await self._writer.call(self.store.page, lane, after_id, limit)
         upto = self._evicted_to.get(lane, 0)
         return [r for r in rows if r.id > upto] if rows and rows[0].id <= upto else rows
 
@@ -507,13 +642,13 @@ class Outbox:
         await self._run(self.store.vacuum)
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self._writer.call(fn)
 
     async def _run(self, fn: Callable[[], None]) -> None:
         """Housekeeping on the writer thread; its failure is logged, never fatal."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        except sqlite3.Error as exc:
+            await self._writer.call(fn)
+        except OutboxError as exc:
             log.warning("outbox: %s failed: %s", fn.__name__, exc)
 
     async def close(self) -> None:
@@ -522,13 +657,18 @@ class Outbox:
                 await self.flush()
             except OutboxError as exc:
                 log.error("outbox: final commit failed: %s", exc)
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
+            await self._writer.call(self.store.close)
             self.store = None
-        self._executor.shutdown(wait=True)
+        self._writer.shutdown()
 
     def pending_inputs(self) -> int:
         """Inputs whose outputs are not committed yet (not acknowledged to the local broker)."""
-        return len(self._dones)
+        return sum(d is not None for _, d in self._dones)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _by_whom(path: Path) -> str:

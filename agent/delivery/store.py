@@ -1,6 +1,9 @@
 """The outbox's SQLite file: schema, compact rows, one transaction per group commit.
 
 Every method blocks and runs on the outbox's one writer thread (`agent.delivery.outbox`).
+SQLite's errors stop here: every public method raises `OutboxError` (`DiskFullError`
+when the disk has no room, `OutboxBusyError` when another process holds the lock) or
+`ConfigError`, never `sqlite3.Error`.
 
 - WAL; `synchronous` per transaction (FULL when it holds priority >= 1 rows).
 - Compact rows: a WITHOUT ROWID table clustered on (lane, id), topics and key
@@ -19,19 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, ParamSpec, TypeVar
 
 from agent.config import OutboxConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DiskFullError, OutboxBusyError, OutboxError
 from agent.messages import Outgoing
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 DB_NAME = "outbox.db"
@@ -103,11 +110,30 @@ class Row(NamedTuple):
 Evicted = tuple[int, int, int]  # (lane, highest evicted id, how many): a prefix of the lane
 
 
+def outbox_error(exc: BaseException) -> OutboxError:
+    """The agent's error for a failure of SQLite or of the file system under it."""
+    if disk_full(exc):
+        return DiskFullError(str(exc))
+    if busy(exc):
+        return OutboxBusyError(str(exc))
+    return OutboxError(str(exc))
+
+
+def _guarded(fn: Callable[P, T]) -> Callable[P, T]:
+    """`fn` raising `OutboxError` (or a leaf) instead of `sqlite3.Error` or `OSError`."""
+    @functools.wraps(fn)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise outbox_error(exc) from exc
+    return guarded
 
 
 class Store:
     """The SQLite side; every method blocks and runs on the outbox's one writer thread."""
 
+    @_guarded
     def __init__(self, path: Path, cfg: OutboxConfig) -> None:
         self.path = path
         self.cfg = cfg
@@ -120,8 +146,8 @@ class Store:
         """Open and check the database; only a corrupt one is moved aside for a fresh one.
 
         Raises ConfigError for a file that cannot be written or comes from a newer
-        agent (kept as it is), and the sqlite3 error itself for anything else, e.g.
-        "database is locked" (`busy(exc)`: the caller waits and tries again).
+        agent (kept as it is), and (through `__init__`) OutboxError for anything else:
+        OutboxBusyError for "database is locked" (the caller waits and tries again).
         """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,14 +232,17 @@ class Store:
     def name(self, n: int) -> str:
         return self._names[n]
 
+    @_guarded
     def commit(self, inserts: list[Outgoing], deletes: list[tuple[int, int]],
                dead: list[tuple[Row, str]], evict: int, durable: bool,
                states: dict[str, bytes] | None = None) -> tuple[list[Row], list[Evicted]]:
-        """One transaction: dead-letter, delete acknowledged, evict for room, insert.
+        """One transaction: dead-letter, delete acknowledged, insert, evict to the bound.
 
         Deletes run before eviction, so a row already delivered is never also
-        counted as dropped. Returns the inserted rows (with their ids) and the
-        evicted prefixes of each lane.
+        counted as dropped; eviction runs after the inserts, so a batch larger
+        than the bound loses its own oldest lowest-lane rows too (`evict` counts
+        old and new rows). Returns the inserted rows (with their ids; some may be
+        in the evicted prefixes) and the evicted prefixes of each lane.
         """
         sync = "FULL" if durable else "NORMAL"
         db = self.db
@@ -234,10 +263,10 @@ class Store:
             if deletes:
                 db.executemany("DELETE FROM rows WHERE lane = ? AND id BETWEEN ? AND ?",
                                _ranges(deletes))
-            if evict:
-                evicted = self._evict(evict)
             if inserts:
                 rows = self._insert(inserts)
+            if evict:
+                evicted = self._evict(evict)
             if states:
                 db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", states.items())
             db.execute("COMMIT")
@@ -297,6 +326,7 @@ class Store:
                 break
         return out
 
+    @_guarded
     def page(self, lane: int, after_id: int, limit: int) -> list[Row]:
         """Rows of one lane after `after_id`, in order: the backlog streams from disk."""
         cur = self.db.execute(
@@ -310,10 +340,12 @@ class Store:
                            r[5] & 3, bool(r[5] & 4), r[6], r[7], r[8]))
         return out
 
+    @_guarded
     def states(self) -> dict[str, bytes]:
         """Every saved step state, by key (`pipeline:step`)."""
         return {k: bytes(v) for k, v in self.db.execute("SELECT k, v FROM state")}
 
+    @_guarded
     def totals(self) -> tuple[int, int, list[int]]:
         """(count, logical bytes, lanes present), read once at start."""
         count, size = self.db.execute(
@@ -324,10 +356,12 @@ class Store:
         ).fetchone()[0]
         return int(count), int(size + topic_bytes), lanes
 
+    @_guarded
     def checkpoint(self) -> None:
         """Copy the WAL into the database and truncate it (its space becomes free)."""
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    @_guarded
     def free_bytes(self) -> int:
         """Bytes of free pages inside the database file: room that needs no disk."""
         pages = self.db.execute("PRAGMA freelist_count").fetchone()[0]
@@ -366,6 +400,7 @@ class Store:
             path.unlink(missing_ok=True)
             return False
 
+    @_guarded
     def release(self) -> bool:
         """Give the reserve back to the file system; True if there was one."""
         try:
@@ -374,6 +409,7 @@ class Store:
         except FileNotFoundError:
             return False
 
+    @_guarded
     def shrink(self, keep_bytes: int, step_pages: int) -> int:
         """Give up to `step_pages` free pages beyond `keep_bytes` back to the file system.
 
@@ -389,6 +425,7 @@ class Store:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(pages) * PAGE_BYTES
 
+    @_guarded
     def vacuum(self) -> None:
         """Give freed pages back to the file system once the backlog drained."""
         free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
@@ -396,6 +433,7 @@ class Store:
             self.db.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    @_guarded
     def close(self) -> None:
         self.db.close()
 

@@ -8,12 +8,15 @@ dead-letter table, with the reason, instead of blocking the lane or stopping
 the agent. After a reconnect the unacknowledged rows go again, in order.
 
 The backlog streams from disk a page at a time; only a bounded window of
-rows is ever in memory, however long the outage was.
+rows is ever in memory, however long the outage was. Rows in memory are sent
+from the callbacks that free them (a commit, a PUBACK), without a task switch;
+the sender's task wakes only to read the next page from disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -57,8 +60,10 @@ class Sender:
         self._wake = asyncio.Event()
         self._inflight = 0
         self._valid_topics: set[str] = set()
+        self._paused = False
         outbox.on_rows = self._committed
         outbox.on_evicted = self._evicted
+        outbox.quiet.append(self)
         for priority in outbox.lanes_on_disk:
             self._lane(priority).on_disk = True  # a backlog from before: stream it
 
@@ -86,7 +91,7 @@ class Sender:
                 lane.loaded_to = r.id
             else:
                 lane.on_disk = True  # the lane streams from disk until it catches up
-        self._wake.set()
+        self._pump()
 
     def _evicted(self, priority: int, upto: int) -> None:
         """drop_oldest removed this lane's rows up to `upto`: forget those not yet sent.
@@ -101,6 +106,19 @@ class Sender:
         while q and q[0].id <= upto:
             q.popleft()
         lane.loaded_to = max(lane.loaded_to, upto)
+
+    def pause_reading(self) -> None:
+        """The outbox's quiet spell (sparse input): PUBACKs may wait in the socket until
+        the next commit, unless rows wait for the window they free, or for the disk."""
+        if self._inflight * 2 <= self.window and not any(
+                lane.queue or lane.on_disk for lane in self.lanes.values()):
+            self.conn.pause_reading()
+            self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.conn.resume_reading()
 
     def connection_lost(self) -> None:
         """Everything sent but unacknowledged goes again, in order, after the reconnect."""
@@ -121,6 +139,25 @@ class Sender:
             if not self.conn.connected.is_set():
                 continue
             await self._fill()
+
+    def _pump(self) -> None:
+        """Send what is in memory now, highest lane first, while the window has room;
+        wake the task (`_fill`) when a lane must first read from disk."""
+        if not self.conn.connected.is_set():
+            return
+        window = self.window
+        for lane in self.lanes.values():
+            queue = lane.queue
+            while queue and self._inflight < window:
+                row = queue.popleft()
+                if not self._send(lane, row):
+                    queue.appendleft(row)
+                    return
+            if self._inflight >= window:
+                return
+            if lane.on_disk:
+                self._wake.set()  # lower lanes wait for this one's page
+                return
 
     async def _fill(self) -> None:
         """Send until the window is full or every lane is empty."""
@@ -160,22 +197,24 @@ class Sender:
         Whatever is wrong with the row itself settles that row (dead letter or
         expiry), never the lane: one bad row must not stop the rows behind it.
         """
-        now = time.time()
-        if row.expires is not None and row.expires <= now:
-            self.outbox.expired(row)
-            return True
+        expiry_s = None
+        if row.expires is not None:
+            left = row.expires - time.time()
+            if left <= 0:
+                self.outbox.expired(row)
+                return True
+            expiry_s = max(1, int(left))
         reason = self._unpublishable(row)
         if reason:
             self.outbox.to_dead(row, reason)
             return True
-        expiry_s = max(1, int(row.expires - now)) if row.expires is not None else None
         # In flight before the call: a QoS 0 PUBLISH is "acknowledged" inside it.
         lane.unacked[row.id] = row
         self._inflight += 1
         try:
             self.conn.publish(row.topic, row.payload, row.qos, row.retain,
                               user_properties=((KEY_PROPERTY, row.key),), expiry_s=expiry_s,
-                              on_published=lambda rc, name: self._done(lane, row, rc, name))
+                              on_published=functools.partial(self._done, lane, row))
         except ConnectError:
             self._forget(lane, row)
             return False
@@ -214,7 +253,8 @@ class Sender:
             self.outbox.acked(row)
         else:
             self.outbox.to_dead(row, f"refused by the broker: {name} ({rc})")
-        self._wake.set()
+        if lane.queue or lane.on_disk or len(self.lanes) > 1:
+            self._pump()
 
     @property
     def inflight(self) -> int:

@@ -91,7 +91,8 @@ class ProtocolError(MalformedPacket):
 
 
 def reason_name(code: int) -> str:
-    return REASONS.get(code, f"reason 0x{code:02X}")
+    name = REASONS.get(code)  # not .get(code, f"..."): that formats on every PUBACK
+    return name if name is not None else f"reason 0x{code:02X}"
 
 
 # -- encoding ------------------------------------------------------------------
@@ -261,13 +262,19 @@ class Reader:
         self.max_size = max_size
         self.need = 0  # size of the packet waiting in `buf`, once its header is known
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        """(type, flags, body) of every complete packet; the rest waits for more bytes."""
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, int, bytes]]:
+        """(type, flags, body) of every complete packet; the rest waits for more bytes.
+
+        `data` may be a view of the caller's read buffer: nothing returned or kept
+        refers to it.
+        """
         buf = self.buf
         if not buf:  # the common case: parse what recv returned, keep only a tail
             out, pos = self._split(data)
             if pos < len(data):
                 buf += memoryview(data)[pos:]
+            if type(data) is not bytes:  # bodies are views of it: copy each
+                out = [(kind, flags, bytes(body)) for kind, flags, body in out]
             return out
         buf += data
         if len(buf) < self.need:

@@ -41,8 +41,11 @@ ROUNDS = 3  # a candidate is too slow only if it is in every round: one schedule
 NICE = 10
 STDERR_TAIL_BYTES = 2000
 MEMORY_BYTES = 1 << 30  # the child's address space (litert, numpy and OpenCV map ~300 MiB)
-# Below this a p95 is scheduler noise, not the model: ratios are taken against at least it.
-MIN_BASELINE_MS = 1.0
+# Below this a p95 is the scheduler, not the model: one preemption costs a time slice
+# (CFS: ~3-4 ms), and on a busy board a sub-millisecond model's p95 of 20 runs is two of
+# them. Ratios are taken against at least this; a model under 2 x 5 ms keeps up with any
+# camera anyway.
+MIN_BASELINE_MS = 5.0
 
 
 def too_slow(p95_ms: float, baseline_p95_ms: float | None, ratio: float) -> bool:
@@ -104,9 +107,12 @@ async def run_trial(candidate: Path, *, fallback: tuple[str, ...], num_threads: 
     got = TrialResult(float(result["p50_ms"]), float(result["p95_ms"]),
                       None if result.get("baseline_p95_ms") is None
                       else float(result["baseline_p95_ms"]), str(result.get("runtime", "")))
-    if too_slow(got.p95_ms, got.baseline_p95_ms, max_latency_ratio):
+    if got.baseline_p95_ms is not None and too_slow(got.p95_ms, got.baseline_p95_ms,
+                                                    max_latency_ratio):
+        floor = "" if got.baseline_p95_ms >= MIN_BASELINE_MS else \
+            f" (counted as {MIN_BASELINE_MS:g} ms)"
         raise ReleaseError(f"too slow: p95 {got.p95_ms:.1f} ms is above {max_latency_ratio:g} x "
-                           f"the active model's {got.baseline_p95_ms:.1f} ms")
+                           f"the active model's {got.baseline_p95_ms:.1f} ms{floor}")
     return got
 
 

@@ -154,11 +154,11 @@ class Controller:
             if s != before or s.seq == 0:
                 self.store.save_state(s)
             self._publish(s)
-            if s.busy and s.update is not None and s.update.state != "probation":
+            if s.busy:  # its policy (probation) or what to resume (the others)
                 r = self._read_release(name)
                 if r is not None:
                     self.releases[name] = r
-            elif not s.busy:
+            else:
                 self.store.prune(name)
             raw = self._read_deferred(name)
             if raw is not None:
@@ -494,7 +494,7 @@ class Controller:
         """Why the candidate in probation must go, or None while it holds up."""
         if self.hub is None or s.active is None or s.update is None:
             return None
-        r = self.releases.get(s.name) or self._read_release(s.name)
+        r = self.releases.get(s.name)
         policy = r.policy if r is not None else release.Policy()
         h = self.hub.health(s.name, s.active.version)
         if h.frames < MIN_FRAMES:
@@ -508,9 +508,12 @@ class Controller:
             base = prev.p95_ms if prev.frames >= MIN_FRAMES else None
         if base is None:
             base = self.baseline_ms.get(s.name)
-        if h.p95_ms is not None and trial.too_slow(h.p95_ms, base, policy.max_latency_ratio):
+        if h.p95_ms is not None and base is not None and \
+                trial.too_slow(h.p95_ms, base, policy.max_latency_ratio):
+            floor = "" if base >= trial.MIN_BASELINE_MS else \
+                f" (counted as {trial.MIN_BASELINE_MS:g} ms)"
             return (f"p95 latency {h.p95_ms:.1f} ms is above {policy.max_latency_ratio:g} x "
-                    f"the previous version's {base:.1f} ms")
+                    f"the previous version's {base:.1f} ms{floor}")
         return None
 
     async def _roll_back(self, name: str, reason: str) -> None:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from agent.errors import ConfigError, ReleaseError
+from agent.ota.shadow import ShadowPolicy
 
 RELEASE_TYPE = "fogwhisk-model-release"
 SPEC = 1
@@ -180,6 +181,11 @@ class Policy:
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"policy.{name} must lie in [0, 1]")
 
+    @property
+    def shadow_policy(self) -> ShadowPolicy | None:
+        """`shadow` parsed (validated when the release was read), None when not set."""
+        return None if self.shadow is None else ShadowPolicy.from_json(self.shadow)
+
     def to_json(self) -> dict[str, Any]:
         """The signed `policy` table: both ratios always, the optional keys when set."""
         out: dict[str, Any] = {"max_latency_ratio": self.max_latency_ratio,
@@ -203,6 +209,8 @@ class Policy:
             if key == "shadow":
                 if value is not None and not isinstance(value, dict):
                     raise ValueError(f"{where}.shadow must be an object")
+                if value is not None:  # every key known, every value sane
+                    ShadowPolicy.from_json(value, f"{where}.shadow")
             elif value is not None and (not isinstance(value, int | float)
                                         or isinstance(value, bool)
                                         or not math.isfinite(value)):

@@ -2,7 +2,8 @@
 
     (idle) --Offer--> downloading --Advance--> verifying --Advance--> trial
     trial --Swapped--> probation --Commit / probation over--> committed
-    downloading | verifying | trial --Fail / deadline--> rejected
+    trial --Advance--> shadow (policy.shadow set) --Swapped--> probation
+    downloading | verifying | trial | shadow --Fail / deadline--> rejected
     probation --RollBack (degraded, crash loop)--> rolled_back
 
 Every unfinished state has a deadline (`Tick` past it leaves the state: rejected,
@@ -13,6 +14,12 @@ ends). Versions rejected for what they contain, or rolled back, are
 remembered: a release must be higher than the active version and than every
 one of those (rollback and replay attacks). A release refused before its
 signature was trusted never blocks a version: anyone could send one.
+
+In `shadow` the candidate runs beside the active model on live frames; its
+comparison summary (`ShadowReport`) stays with the update (`update.shadow` in the
+report, `f1` the figure a fleet rollout reads) through probation and the outcome.
+Its deadline is the policy's `max_duration` plus a margin: the controller decides
+at `max_duration` on what it has; the deadline only catches a controller that did not.
 
 `step(state, event) -> state` bumps `seq` on every change; `document()` is
 the retained state report.
@@ -25,9 +32,9 @@ from typing import Any, Literal
 
 from agent.errors import OtaError
 
-State = Literal["downloading", "verifying", "trial", "probation", "committed", "rejected",
-                "rolled_back"]
-UNFINISHED: tuple[State, ...] = ("downloading", "verifying", "trial", "probation")
+State = Literal["downloading", "verifying", "trial", "shadow", "probation", "committed",
+                "rejected", "rolled_back"]
+UNFINISHED: tuple[State, ...] = ("downloading", "verifying", "trial", "shadow", "probation")
 STATES: tuple[State, ...] = (*UNFINISHED, "committed", "rejected", "rolled_back")
 CRASH_LOOP_STARTS = 3  # agent starts during one probation that mean a crash loop
 Verdict = Literal["accept", "duplicate", "defer", "refuse"]
@@ -41,10 +48,12 @@ class Timeouts:
     verify_s: float = 600.0
     trial_s: float = 300.0
     probation_s: float = 600.0
+    shadow_s: float = 1800.0 + 60.0  # policy.shadow.max_duration and a margin
 
     def of(self, state: State) -> float | None:
         return {"downloading": self.download_s, "verifying": self.verify_s,
-                "trial": self.trial_s, "probation": self.probation_s}.get(state)
+                "trial": self.trial_s, "shadow": self.shadow_s,
+                "probation": self.probation_s}.get(state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,7 @@ class Update:
     progress: float | None = None  # 0..1 while downloading
     reason: str | None = None
     release: str = ""  # sha256 of the release document: its identity
+    shadow: dict[str, Any] | None = None  # the shadow comparison's summary, once there is one
 
     @property
     def unfinished(self) -> bool:
@@ -125,11 +135,19 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Advance:
-    """downloading -> verifying -> trial."""
+    """downloading -> verifying -> trial -> shadow."""
 
-    to: Literal["verifying", "trial"]
+    to: Literal["verifying", "trial", "shadow"]
     now: float
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowReport:
+    """The shadow comparison so far (or its final figures)."""
+
+    summary: dict[str, Any]
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +202,8 @@ class Adopt:
     now: float
 
 
-Event = (Offer | Refuse | Progress | Advance | Swapped | Fail | RollBack | Commit | Tick
-         | Boot | Adopt)
+Event = (Offer | Refuse | Progress | Advance | ShadowReport | Swapped | Fail | RollBack
+         | Commit | Tick | Boot | Adopt)
 
 
 def verdict(s: ModelState, version: int, release: str) -> tuple[Verdict, str]:
@@ -241,7 +259,7 @@ def _step(s: ModelState, e: Event) -> ModelState:
             return _commit(s, e.now)
         return _finish(s, "rejected", f"timed out in {u.state} after "
                                       f"{u.deadline - u.since:.0f} s", e.now,
-                       remember=u.state != "downloading")
+                       remember=u.state not in ("downloading", "shadow"))
     if isinstance(e, Boot):
         if u is not None and u.state == "probation":
             starts = s.starts + 1
@@ -260,12 +278,18 @@ def _step(s: ModelState, e: Event) -> ModelState:
         _expect(s, u, "downloading", e)
         return replace(s, update=replace(u, progress=min(max(e.fraction, 0.0), 1.0)))
     if isinstance(e, Advance):
-        _expect(s, u, "downloading" if e.to == "verifying" else "verifying", e)
+        before: dict[str, State] = {"verifying": "downloading", "trial": "verifying",
+                                    "shadow": "trial"}
+        _expect(s, u, before[e.to], e)
         timeout = e.timeouts.of(e.to)
         return replace(s, update=replace(u, state=e.to, since=e.now, progress=None,
                                          deadline=None if timeout is None else e.now + timeout))
+    if isinstance(e, ShadowReport):
+        _expect(s, u, "shadow", e)
+        return replace(s, update=replace(u, shadow=dict(e.summary)))
     if isinstance(e, Swapped):
-        _expect(s, u, "trial", e)
+        if u.state != "shadow":
+            _expect(s, u, "trial", e)
         if e.installed.version != u.version:
             raise OtaError(f"model {s.name}: swapped to {e.installed.version}, the update is "
                            f"{u.version}")
@@ -294,7 +318,7 @@ def _finish(s: ModelState, state: State, reason: str | None, now: float,
     assert u is not None
     refused = s.refused | {u.version} if remember and u.version is not None else s.refused
     return replace(s, refused=refused, update=Update(u.version, state, now, reason=reason,
-                                                     release=u.release))
+                                                     release=u.release, shadow=u.shadow))
 
 
 def _commit(s: ModelState, now: float) -> ModelState:
@@ -324,7 +348,8 @@ def document(s: ModelState) -> dict[str, Any]:
         "update": None if u is None else {
             "version": u.version, "state": u.state,
             "progress": None if u.progress is None else round(u.progress, 3),
-            "reason": u.reason, "ts": round(u.since, 3)},
+            "reason": u.reason, "ts": round(u.since, 3),
+            **({} if u.shadow is None else {"shadow": u.shadow})},
         "seq": s.seq,
         "ts": round(s.ts, 3),
     }
@@ -339,7 +364,8 @@ def to_json(s: ModelState) -> dict[str, Any]:
         "name": s.name, "active": inst(s.active), "previous": inst(s.previous),
         "update": None if u is None else {
             "version": u.version, "state": u.state, "since": u.since, "deadline": u.deadline,
-            "progress": u.progress, "reason": u.reason, "release": u.release},
+            "progress": u.progress, "reason": u.reason, "release": u.release,
+            "shadow": u.shadow},
         "refused": sorted(s.refused), "starts": s.starts, "seq": s.seq, "ts": s.ts,
     }
 
@@ -358,7 +384,15 @@ def from_json(raw: dict[str, Any]) -> ModelState:
                         float(u["since"]),
                         None if u["deadline"] is None else float(u["deadline"]),
                         None if u["progress"] is None else float(u["progress"]),
-                        u["reason"], str(u["release"]))
+                        u["reason"], str(u["release"]), _shadow(u.get("shadow")))
     return ModelState(str(raw["name"]), inst(raw["active"]), inst(raw["previous"]), update,
                       frozenset(int(v) for v in raw["refused"]), int(raw["starts"]),
                       int(raw["seq"]), float(raw["ts"]))
+
+
+def _shadow(raw: object) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("update.shadow is not an object")
+    return raw

@@ -219,3 +219,14 @@ def test_every_kth_frame_keeps_the_candidate_within_its_share(
 def test_iou_of_disjoint_and_identical_boxes() -> None:
     assert iou(A.box, A.box) == pytest.approx(1.0)
     assert iou(A.box, B.box) == 0.0
+
+
+def test_a_release_whose_policy_shadow_is_bad_is_refused_when_read() -> None:
+    """The signed policy's `shadow` table is checked with the rest of the release, so a
+    device refuses it before downloading rather than failing after the trial."""
+    from agent.ota.release import Policy
+    with pytest.raises(ValueError, match=r"policy\.shadow\.min_agreement"):
+        Policy.from_json({"shadow": {"min_agreement": 2}})
+    p = Policy.from_json({"shadow": {"frames": 20}})
+    assert p.shadow_policy is not None and p.shadow_policy.frames == 20
+    assert Policy().shadow_policy is None

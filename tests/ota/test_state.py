@@ -27,6 +27,7 @@ from agent.ota.state import (
     Progress,
     Refuse,
     RollBack,
+    ShadowReport,
     Swapped,
     Tick,
     Timeouts,
@@ -99,6 +100,22 @@ CASES: list[tuple[str, ModelState, Event, str | None, str | None, set[int]]] = [
      at("probation"), Tick(10.0 + T.probation_s), "committed", None, set()),
     ("a tick before the deadline changes nothing",
      at("trial"), Tick(11.0), "trial", None, set()),
+    ("a passed trial with a shadow policy goes on to shadow",
+     at("trial"), Advance("shadow", 20.0, T), "shadow", None, set()),
+    ("the shadow comparison so far is recorded",
+     at("shadow"), ShadowReport({"frames": 5, "f1": 0.9}, 20.0), "shadow", None, set()),
+    ("a candidate that passed its shadow evaluation swaps into probation",
+     at("shadow"), Swapped(V2, 20.0, 30.0), "probation", None, set()),
+    ("a candidate that failed its shadow gates is rejected for good",
+     at("shadow"), Fail("shadow: agreement F1 0.00 is below 0.5", 20.0), "rejected",
+     "agreement F1 0.00", {2}),
+    ("too few frames in shadow rejects the attempt, not the version",
+     at("shadow"), Fail("not enough frames: 3 evaluated in shadow", 20.0, remember=False),
+     "rejected", "not enough frames", set()),
+    ("a shadow evaluation past its deadline is rejected, the version not remembered",
+     at("shadow"), Tick(10.0 + T.shadow_s), "rejected", "timed out in shadow", set()),
+    ("a fresh release replaces a shadow evaluation",
+     at("shadow"), offer(3), "downloading", None, set()),
     ("the first start in probation only counts",
      at("probation"), Boot(20.0), "probation", None, set()),
     ("the third start in probation is a crash loop: rolled back",
@@ -164,7 +181,7 @@ def test_a_crash_loop_counter_resets_when_probation_ends_committed() -> None:
     assert s.update is not None and s.update.state == "committed" and s.starts == 0
 
 
-@pytest.mark.parametrize("state", ["downloading", "verifying", "trial"])
+@pytest.mark.parametrize("state", ["downloading", "verifying", "trial", "shadow"])
 def test_events_out_of_order_are_errors_not_silent(state: str) -> None:
     with pytest.raises(OtaError):
         step(at(state), Commit(20.0))
@@ -183,6 +200,31 @@ def test_every_unfinished_state_has_a_deadline_and_leaves_it() -> None:
         assert s.update is not None and s.update.deadline is not None
         end = step(s, Tick(s.update.deadline))
         assert end.update is not None and not end.update.unfinished, state
+
+
+@pytest.mark.parametrize("state", ["downloading", "verifying", "probation"])
+def test_shadow_comes_only_after_the_trial_and_reports_only_in_shadow(state: str) -> None:
+    with pytest.raises(OtaError):
+        step(at(state), Advance("shadow", 20.0, T))
+    with pytest.raises(OtaError):
+        step(at(state), ShadowReport({"f1": 1.0}, 20.0))
+
+
+def test_the_shadow_summary_stays_in_the_report_through_probation_and_the_outcome() -> None:
+    """`update.shadow` (with `f1`, which a fleet rollout reads) is reported from the
+    first summary on, in probation, committed, and in a rejection."""
+    summary = {"frames": 20, "f1": 0.91, "rate_ratio": 1.0, "latency_ratio": 1.1,
+               "flags": []}
+    s = step(step(at("trial"), Advance("shadow", 20.0, T)), ShadowReport(summary, 21.0))
+    assert document(s)["update"]["shadow"] == summary
+    live = step(s, Swapped(V2, 22.0, 30.0))
+    assert document(live)["update"]["shadow"]["f1"] == 0.91
+    done = step(live, Commit(23.0))
+    assert document(done)["update"]["state"] == "committed"
+    assert document(done)["update"]["shadow"] == summary
+    bad = step(s, Fail("shadow: agreement F1 0.10 is below 0.5", 22.0))
+    assert document(bad)["update"]["shadow"] == summary
+    assert from_json(to_json(bad)) == bad
 
 
 def test_adopt_takes_what_is_on_disk_only_when_nothing_is_known() -> None:
@@ -208,7 +250,9 @@ updates = st.builds(Update, st.none() | st.integers(0, 99), st.sampled_from(STAT
                     st.floats(0, 2e9, allow_nan=False),
                     st.none() | st.floats(0, 2e9, allow_nan=False),
                     st.none() | st.floats(0, 1), st.none() | st.text(max_size=20),
-                    st.text("0123456789abcdef", max_size=64))
+                    st.text("0123456789abcdef", max_size=64),
+                    st.none() | st.fixed_dictionaries({"frames": st.integers(0, 500),
+                                                       "f1": st.floats(0, 1)}))
 
 
 @given(st.builds(ModelState, st.text(min_size=1, max_size=10), st.none() | installed,

@@ -12,6 +12,11 @@ raises fails the message alone; loading is retried every `runtime.reprobe_s`.
 The model comes from the agent's `ModelHub` (`ctx.models`): read once per
 frame and kept for both stages of that frame, so an over-the-air update
 swaps it between two frames; each event names the version that made it.
+
+While an update's candidate is in shadow (`Slot.candidate`), every k-th frame
+also runs on it after the active model, on the same frame and motion: its
+detections and time go to the hub for comparison, never into the message. A
+candidate that raises is recorded as such; the frame goes on.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from agent.pipeline import ActionContext
 from agent.vision.decoders import concat
 from agent.vision.detector import Detection, Detector, Prepared, Region
 from agent.vision.frames import Frame
-from agent.vision.hub import ModelHub
+from agent.vision.hub import ModelHub, ShadowFrame
 from agent.vision.models import ModelStore
 from agent.vision.tensors import nms
 
@@ -160,6 +165,8 @@ class Detect:
             raise
         infer_ms = (time.perf_counter() - t0) * 1000.0
         self.slot.record(det, ok=True, ms=infer_ms)
+        if self.slot.candidate is not None:
+            self.shadow(meta.get("frame"), meta.get("motion"), found, infer_ms)
         ms = meta.pop(PREPARE_MS) + infer_ms
         self.counters.observe("infer", ms)
         self.counters.inc("frames_inferred")
@@ -169,6 +176,29 @@ class Detect:
                 "model": det.info}
         return (msg.evolve(data=data, meta={**meta, "detections": found},
                            latency_ms={**msg.latency_ms, "infer": round(ms, 3)}),)
+
+    def shadow(self, frame: Any, motion: Any, found: list[Detection], active_ms: float) -> None:
+        """Run the candidate in shadow on this frame when it is due (budget permitting)."""
+        cand = self.slot.shadow_due(active_ms)
+        if cand is None or not isinstance(frame, Frame):
+            return
+        error: str | None = None
+        got: list[Detection] = []
+        with self.slot.shadow_lock:
+            if self.slot.candidate is not cand:
+                return  # taken out of shadow meanwhile
+            try:
+                prepared = self.prepare(cand, frame, motion)
+                t0 = time.perf_counter()
+                try:
+                    got = self.finish(cand, prepared)
+                finally:
+                    ms = (time.perf_counter() - t0) * 1000.0
+            except Exception as exc:  # the candidate's fault, never the frame's
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                ms = 0.0
+        self.slot.hub.add_shadow(self.slot.name, ShadowFrame(tuple(found), tuple(got),
+                                                             active_ms, ms, error))
 
     def process(self, msg: Message) -> Sequence[Message]:
         return [out for m in self.prepare_stage(msg) for out in self.infer_stage(m)]

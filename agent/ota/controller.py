@@ -4,7 +4,8 @@
       -> release verified (signatures, expiry, name, size, version) before any download
       -> downloading (MQTT chunks or HTTPS, resumable) -> verifying (safe extraction,
          contents, compatibility with the pipelines that run the model) -> installed
-      -> trial (child process) -> swapped between two frames -> probation -> committed
+      -> trial (child process) -> [shadow: beside the active model on live frames]
+      -> swapped between two frames -> probation -> committed
     <prefix>/<device>/models/<name>/state   (retained, QoS 1, through the outbox)
 
 The transitions are `agent.ota.state`'s; this module does what they stand for and
@@ -13,6 +14,14 @@ from its saved progress, verification and trial from the verified artifact, a sw
 that reached the disk as probation. `prepare()` runs before the pipelines load their
 models: it counts the start (a crash loop in probation switches back to `previous`
 there, before the candidate is loaded again) and reconciles the state with the disk.
+
+With `policy.shadow` in the release, the candidate that passed its trial is
+loaded into the hub in shadow: it runs on every k-th live frame after the active
+model (at most `max_share` of its inference time), its detections only compared.
+At `frames` evaluated frames, or at `max_duration` on what there is, the
+comparison (`agent.ota.shadow`) decides: the already loaded candidate is swapped
+in, or the update is rejected with the figures; the summary is `update.shadow`
+in the state report.
 
 Probation is watched every second: the candidate's error rate and p95 (from the
 model hub) against the release's policy; past either, the previous version, still
@@ -39,7 +48,7 @@ from agent.config import Config
 from agent.errors import FetchError, ModelError, OtaError, ReleaseError
 from agent.messages import Done, Outgoing
 from agent.mqtt.connection import Connection, Inbound
-from agent.ota import artifact, fetch, release, trial
+from agent.ota import artifact, fetch, release, shadow, trial
 from agent.ota.release import Release
 from agent.ota.state import (
     Adopt,
@@ -53,6 +62,7 @@ from agent.ota.state import (
     Progress,
     Refuse,
     RollBack,
+    ShadowReport,
     Swapped,
     Tick,
     Timeouts,
@@ -66,7 +76,7 @@ from agent.vision.models import Manifest, ModelStore
 
 if TYPE_CHECKING:  # the hub (numpy, OpenCV) exists only where a pipeline detects
     from agent.vision.detector import Detector
-    from agent.vision.hub import ModelHub
+    from agent.vision.hub import ModelHub, ShadowFrame
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +88,8 @@ VERIFY_S = 600.0
 TRIAL_STATE_S = 300.0  # the trial child has its own, shorter, `trial_timeout`
 STALL_S = 60.0  # a download without a new byte for this long fails
 MAX_INBOX = 64  # models with a deploy waiting; beyond, a deploy is refused unread
+SHADOW_POLL_S = 0.25  # the shadow comparison's frames are counted this often
+SHADOW_REPORT_S = 5.0  # the summary so far goes in the state report at most this often
 CANCELLED = "cancelled by the operator"  # an empty deploy: the release was withdrawn
 
 
@@ -374,7 +386,14 @@ class Controller:
                      "active p95 %s ms)", name, r.version, result.p50_ms, result.p95_ms,
                      result.baseline_p95_ms)
             self.baseline_ms[name] = result.baseline_p95_ms
-            await self._swap(name, r, manifest)
+            policy = r.policy.shadow_policy
+            if policy is not None and self.hub is not None:
+                passed = await self._shadow(name, r, policy)
+                if passed is None:
+                    return
+                await self._swap(name, r, manifest, passed)
+            else:
+                await self._swap(name, r, manifest)
         except asyncio.CancelledError:
             raise
         except FetchError as exc:  # the transfer, not the release: the version stays open
@@ -431,10 +450,57 @@ class Controller:
                                    f"model, {new!r} in the release (pipeline {users} reads "
                                    f"class ids by these labels)")
 
-    async def _swap(self, name: str, r: Release, manifest: Manifest) -> None:
+    async def _shadow(self, name: str, r: Release,
+                      policy: shadow.ShadowPolicy) -> list[Detector] | None:
+        """The candidate beside the active model on live frames until `policy.frames` were
+        compared or `max_duration` passed; its detectors (loaded) when it passed, None when
+        the update was rejected."""
+        assert self.hub is not None
+        if self._state(name) == "trial":
+            await self._apply(name, Advance("shadow", time.time(), self._timeouts(r)))
+        u = self.states[name].update
+        started = u.since if u is not None else time.time()  # a restart keeps the deadline
         ref = await asyncio.to_thread(self.store.ref, name, r.version)
-        detectors: list[Detector] = []
-        if self.hub is not None:
+        try:
+            candidates = await asyncio.to_thread(self.hub.load, name, ref)
+        except ModelError as exc:
+            raise ReleaseError(f"cannot load in the agent: {exc}") from exc
+        from agent.vision.hub import ShadowRun  # numpy, OpenCV: only where a hub exists
+        self.hub.start_shadow(name, candidates, ShadowRun(
+            r.version, lambda a, c: shadow.every(a, c, policy.max_share), policy.frames))
+        passed = False
+        try:
+            reported, counted = time.monotonic(), 0
+            while True:
+                frames = self.hub.shadow_frames(name)
+                now = time.time()
+                if len(frames) >= policy.frames or now >= started + policy.max_duration_s:
+                    break
+                if len(frames) != counted and time.monotonic() - reported >= SHADOW_REPORT_S:
+                    counted, reported = len(frames), time.monotonic()
+                    await self._apply(name, ShadowReport(_summary(frames).to_json(), now))
+                await asyncio.sleep(SHADOW_POLL_S)
+            summary = _summary(frames)
+            await self._apply(name, ShadowReport(summary.to_json(), time.time()))
+            why = shadow.judge(summary, policy)
+            if why is not None:
+                await self._fail(name, r, why, remember=not why.startswith("not enough frames"))
+                return None
+            log.info("ota: model %s: version %d passed shadow: %s", name, r.version,
+                     summary.to_json())
+            passed = True
+        finally:
+            taken = await asyncio.to_thread(self.hub.stop_shadow, name)
+            if not passed:
+                for d in taken:
+                    d.close()
+        return taken
+
+    async def _swap(self, name: str, r: Release, manifest: Manifest,
+                    loaded: list[Detector] | None = None) -> None:
+        ref = await asyncio.to_thread(self.store.ref, name, r.version)
+        detectors: list[Detector] = loaded or []
+        if self.hub is not None and loaded is None:
             try:
                 detectors = await asyncio.to_thread(self.hub.load, name, ref)
             except ModelError as exc:
@@ -453,7 +519,7 @@ class Controller:
                  self._probation_s(r))
 
     async def _fail(self, name: str, r: Release, reason: str, remember: bool) -> None:
-        if self._state(name) not in ("downloading", "verifying", "trial"):
+        if self._state(name) not in ("downloading", "verifying", "trial", "shadow"):
             return  # already over (a deadline passed); a failure in probation is a rollback
         self.counters.inc("rejected")
         log.warning("ota: model %s: version %d rejected: %s", name, r.version, reason)
@@ -583,9 +649,11 @@ class Controller:
         return u.state if u is not None else None
 
     def _timeouts(self, r: Release | None) -> Timeouts:
+        sp = r.policy.shadow_policy if r is not None else None
         return Timeouts(download_s=DOWNLOAD_S, verify_s=VERIFY_S,
                         trial_s=max(TRIAL_STATE_S, float(self.cfg.ota.trial_timeout) + 60.0),
-                        probation_s=self._probation_s(r))
+                        probation_s=self._probation_s(r),
+                        shadow_s=(sp or shadow.ShadowPolicy()).max_duration_s + 60.0)
 
     def _probation_s(self, r: Release | None) -> float:
         if r is not None and r.policy.probation_s is not None:
@@ -630,6 +698,13 @@ class Controller:
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+
+
+def _summary(frames: list[ShadowFrame]) -> shadow.Summary:
+    return shadow.summarize([
+        shadow.Frame(tuple(shadow.Seen(d.label, d.score, d.box) for d in f.active),
+                     tuple(shadow.Seen(d.label, d.score, d.box) for d in f.candidate),
+                     f.active_ms, f.candidate_ms, f.error) for f in frames])
 
 
 def _https_ca(cfg: Config) -> Path | None:

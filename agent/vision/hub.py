@@ -11,6 +11,14 @@ loop), then `swap` replaces them all at once and hands back the old
 detectors, still loaded, so that a rollback never waits on loading anything
 (least of all on the failed candidate). Slots also record per version how
 many frames failed and how long inference took, for probation.
+
+Shadow evaluation: `start_shadow` puts a loaded candidate beside each slot's
+active detector. The detect step runs it on every k-th frame that reached it
+(k from the controller's budget function, fed with both models' mean inference
+times), after the active model, on the same frame; its detections are only
+recorded (`ShadowFrame`), never published. `stop_shadow` takes the candidates
+back out, waiting for a frame in flight on them, and hands them over (to be
+swapped in, or closed).
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from agent.config import RuntimeConfig
 from agent.errors import ModelError
-from agent.vision.detector import Detector
+from agent.vision.detector import Detection, Detector
 from agent.vision.models import ModelRef, ModelStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,52 @@ class Health:
     @property
     def error_rate(self) -> float:
         return self.errors / self.frames if self.frames else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowFrame:
+    """One frame both models ran on; `error`: the candidate raised on it."""
+
+    active: tuple[Detection, ...]
+    candidate: tuple[Detection, ...]
+    active_ms: float
+    candidate_ms: float
+    error: str | None = None
+
+
+class ShadowRun:
+    """A candidate under evaluation: which frames it takes, what it said (thread-safe)."""
+
+    def __init__(self, version: int, every: Callable[[float, float], int], limit: int) -> None:
+        self.version = version
+        self.every = every  # (active mean ms, candidate mean ms) -> evaluate every k-th frame
+        self.limit = limit
+        self.seen = 0
+        self.active_ms = 0.0
+        self.candidate_ms = 0.0
+        self.frames: list[ShadowFrame] = []
+        self._lock = threading.Lock()
+
+    def due(self, active_ms: float) -> bool:
+        """Count a frame the active model ran on; True: the candidate runs on it too."""
+        with self._lock:
+            self.seen += 1
+            self.active_ms += active_ms
+            if len(self.frames) >= self.limit:
+                return False
+            n = len(self.frames)
+            k = self.every(self.active_ms / self.seen, self.candidate_ms / n if n else 0.0)
+            return self.seen % max(1, k) == 0
+
+    def add(self, frame: ShadowFrame) -> None:
+        with self._lock:
+            if len(self.frames) < self.limit:
+                self.frames.append(frame)
+                self.candidate_ms += frame.candidate_ms
+
+    def snapshot(self) -> list[ShadowFrame]:
+        with self._lock:
+            return list(self.frames)
 
 
 class _Record:
@@ -66,6 +121,8 @@ class Slot:
         self.error: str | None = None
         self._next_try = 0.0
         self._lock = threading.Lock()
+        self.candidate: Detector | None = None  # in shadow beside `detector`
+        self.shadow_lock = threading.Lock()  # held while the candidate runs on a frame
         self._load()
 
     def _load(self) -> None:
@@ -95,6 +152,14 @@ class Slot:
         """A frame's outcome on `det` (called from the pipeline's thread)."""
         self.hub.record(self.name, det.manifest.version, ok, ms)
 
+    def shadow_due(self, active_ms: float) -> Detector | None:
+        """The candidate when this frame is one it must run on, else None."""
+        cand = self.candidate
+        run = self.hub.shadows.get(self.name)
+        if cand is None or run is None or not run.due(active_ms):
+            return None
+        return cand
+
 
 class ModelHub:
     """Every live model of the agent, by name."""
@@ -106,6 +171,7 @@ class ModelHub:
         self.slots: dict[str, list[Slot]] = {}
         self._records: dict[tuple[str, int], _Record] = {}
         self._lock = threading.Lock()
+        self.shadows: dict[str, ShadowRun] = {}
 
     def slot(self, name: str, pipeline: str) -> Slot:
         """A new slot on `name`, loaded with its active version (or failing until it loads)."""
@@ -151,6 +217,38 @@ class ModelHub:
             log.info("model %s: %d step(s) now run version %d", name, len(detectors),
                      detectors[0].manifest.version)
         return old
+
+    def start_shadow(self, name: str, detectors: list[Detector], run: ShadowRun) -> None:
+        """Run `detectors` (one per slot, from `load`) in shadow beside the active ones."""
+        slots = self.slots.get(name, [])
+        if len(detectors) != len(slots):
+            raise ModelError(f"model {name}: {len(detectors)} detectors for {len(slots)} steps")
+        self.shadows[name] = run
+        for s, d in zip(slots, detectors, strict=True):
+            s.candidate = d
+        log.info("model %s: version %d runs in shadow beside %d step(s)", name, run.version,
+                 len(slots))
+
+    def stop_shadow(self, name: str) -> list[Detector]:
+        """Take the candidates out of shadow (blocking: waits for a frame in flight on them)
+        and return them, still loaded."""
+        self.shadows.pop(name, None)
+        out: list[Detector] = []
+        for s in self.slots.get(name, []):
+            with s.shadow_lock:
+                if s.candidate is not None:
+                    out.append(s.candidate)
+                s.candidate = None
+        return out
+
+    def add_shadow(self, name: str, frame: ShadowFrame) -> None:
+        run = self.shadows.get(name)
+        if run is not None:
+            run.add(frame)
+
+    def shadow_frames(self, name: str) -> list[ShadowFrame]:
+        run = self.shadows.get(name)
+        return [] if run is None else run.snapshot()
 
     def record(self, name: str, version: int, ok: bool, ms: float) -> None:
         with self._lock:

@@ -4,11 +4,15 @@ output sanity flags, latency ratio, the signed gates and `not enough frames`."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.ota.release import Policy
 from agent.ota.shadow import (
     Frame,
     Seen,
@@ -170,7 +174,8 @@ def test_fewer_frames_than_the_minimum_is_not_enough_frames() -> None:
 def test_the_summary_document_carries_f1_for_the_rollout() -> None:
     doc = summarize([frame((A, B), (A,), 10.0, 12.0)] * 20).to_json()
     assert doc["frames"] == 20 and doc["f1"] == pytest.approx(0.667, abs=1e-3)
-    assert doc["rate_ratio"] == 0.5 and doc["latency_ratio"] == 1.2 and doc["flags"] == ["one-class"]
+    assert doc["rate_ratio"] == 0.5 and doc["latency_ratio"] == 1.2
+    assert doc["flags"] == ["one-class"]
 
 
 def test_policy_shadow_keys_and_defaults() -> None:
@@ -224,9 +229,69 @@ def test_iou_of_disjoint_and_identical_boxes() -> None:
 def test_a_release_whose_policy_shadow_is_bad_is_refused_when_read() -> None:
     """The signed policy's `shadow` table is checked with the rest of the release, so a
     device refuses it before downloading rather than failing after the trial."""
-    from agent.ota.release import Policy
     with pytest.raises(ValueError, match=r"policy\.shadow\.min_agreement"):
         Policy.from_json({"shadow": {"min_agreement": 2}})
     p = Policy.from_json({"shadow": {"frames": 20}})
     assert p.shadow_policy is not None and p.shadow_policy.frames == 20
     assert Policy().shadow_policy is None
+
+
+# -- end to end: a real agent, real Mosquitto, live frames ----------------------------
+
+
+def blind(text: str) -> str:
+    """shapes-ssd behind a decoder threshold no frame reaches (its golden detections cut,
+    so it passes the trial on its raw outputs): a model that loads, runs and sees nothing."""
+    text = re.sub(r"(?m)^min_score = .*$", "min_score = 0.999", text)
+    return text[:text.index("[[golden.detections]]")]
+
+
+def test_shadow_on_live_frames_promotes_a_good_candidate_and_rejects_a_blind_one(
+        tmp_path: Path, broker: Any, ota_keys: Any) -> None:
+    """With policy.shadow set, a candidate that passed its trial runs beside the active
+    model on the live frames before the swap. Version 2, the same model re-packed, agrees
+    fully (F1 1.0 over 20 frames): shadow, then probation and committed, its summary in
+    `update.shadow`. Version 3 sees nothing: rejected in shadow with the agreement figure
+    and F1 0.0 in `update.shadow`, version 2 stays active. Every frame gives exactly one
+    event, from the active model only (never version 3)."""
+    from candidates import catalog_dir, model_dir  # type: ignore[import-not-found]
+    from device import NAME, Frames, Watch, pack, push, start_device  # type: ignore[import-not-found]
+    gate = {"frames": 20, "max_duration": 120}
+    agent = start_device(tmp_path, broker, ota_keys.pub_path)
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url) as frames:
+            watch.wait_events(5)
+            good = pack(catalog_dir(), 2, tmp_path / "good", ota_keys.private,
+                        policy=Policy(probation_s=1.0, shadow=gate))[1]
+            push(good, broker)
+            done = watch.state(2, "committed", agent, timeout=90)
+            bad = pack(model_dir(tmp_path, "blind", edit=blind), 3, tmp_path / "bad",
+                       ota_keys.private, policy=Policy(probation_s=1.0, shadow=gate))[1]
+            push(bad, broker)
+            refused = watch.state(3, "rejected", agent, timeout=90)
+            sent = frames.stop()
+            events = watch.wait_events(sent)
+            states = watch.states()
+    finally:
+        agent.stop()
+    order = [(d["update"]["version"], d["update"]["state"]) for d in states if d["update"]]
+    assert order.index((2, "trial")) < order.index((2, "shadow")) \
+        < order.index((2, "probation")) < order.index((2, "committed")), order
+    assert (3, "probation") not in order and (3, "shadow") in order
+    summary = done["update"]["shadow"]
+    assert summary["frames"] == 20 and summary["f1"] == 1.0 and summary["flags"] == []
+    assert summary["rate_ratio"] == 1.0
+    assert done["active"]["version"] == 2 and done["previous"] == {"version": 1}
+    reason = refused["update"]["reason"]
+    assert reason.startswith("shadow: agreement F1 0.00 is below 0.5 (F1 0.00, rate ratio "
+                             "0.00"), reason
+    assert refused["update"]["shadow"]["f1"] == 0.0
+    assert refused["update"]["shadow"]["frames"] == 20
+    assert refused["active"]["version"] == 2
+    assert len(events) == sent
+    assert [e["seq"] for e in events] == list(range(1, sent + 1))
+    versions = [e["model"]["version"] for e in events]
+    assert versions == sorted(versions) and set(versions) <= {1, 2}, set(versions)
+    assert all(e["model"]["name"] == NAME for e in events)
+    errors = [ln for ln in agent.log().splitlines() if " ERROR " in ln or "Traceback" in ln]
+    assert errors == [], errors

@@ -31,7 +31,7 @@ from typing import Any, Literal
 IOU_MATCH = 0.5
 MIN_BASELINE_MS = 5.0  # as agent.ota.trial: latency ratios are taken against at least this
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max
-Mode = Literal["gate", "observe"]
+Mode = Literal["gate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +106,10 @@ class ShadowPolicy:
                     raise ValueError(f"{where}.rate_ratio must be [low, high], got {value!r}")
                 args[key] = (_number(value[0], f"{where}.rate_ratio"),
                              _number(value[1], f"{where}.rate_ratio"))
-            elif key == "mode":
-                if value not in ("gate", "observe"):
-                    raise ValueError(f"{where}.mode must be \"gate\" or \"observe\", "
-                                     f"got {value!r}")
+            elif key == "mode":  # "observe" (never promote) is not implemented yet
+                if value != "gate":
+                    raise ValueError(f"{where}.mode {value!r} is not supported by this agent "
+                                     "(it knows \"gate\")")
                 args[key] = value
             else:
                 raise ValueError(f"{where} key {key!r} is not known to this agent")

@@ -200,6 +200,7 @@ def test_policy_shadow_keys_and_defaults() -> None:
     ({"max_latency_ratio": float("nan")}, "max_latency_ratio"),
     ({"max_duration": "30m"}, "max_duration"),
     ({"mode": "promote"}, "mode"),
+    ({"mode": "observe"}, "'observe' is not supported"),  # not implemented: refused, not gated
     ({"frmaes": 20}, "'frmaes' is not known"),
 ])
 def test_a_bad_policy_shadow_is_refused_naming_the_key(raw: object, key: str) -> None:

@@ -237,6 +237,26 @@ def test_a_release_whose_policy_shadow_is_bad_is_refused_when_read() -> None:
     assert Policy().shadow_policy is None
 
 
+def test_the_device_runs_the_candidate_on_every_kth_frame_within_its_share() -> None:
+    """The hub's shadow run, fed as the detect step feeds it: a candidate 3x slower than
+    the active model, max_share 0.5, takes about every 6th frame; its time stays within
+    half the active model's (plus the one frame in hand); it stops at the frame limit."""
+    from agent.vision.hub import ShadowFrame, ShadowRun
+    run = ShadowRun(2, lambda a, c: every(a, c, 0.5), limit=50)
+    active = candidate = 0.0
+    for _ in range(240):
+        active += 10.0
+        if run.due(10.0):
+            candidate += 30.0
+            run.add(ShadowFrame((), (), 10.0, 30.0))
+    assert 36 <= len(run.snapshot()) <= 41
+    assert candidate <= 0.5 * active + 30.0
+    for _ in range(1000):
+        if run.due(10.0):
+            run.add(ShadowFrame((), (), 10.0, 30.0))
+    assert len(run.snapshot()) == 50
+
+
 # -- end to end: a real agent, real Mosquitto, live frames ----------------------------
 
 
@@ -296,3 +316,37 @@ def test_shadow_on_live_frames_promotes_a_good_candidate_and_rejects_a_blind_one
     assert all(e["model"]["name"] == NAME for e in events)
     errors = [ln for ln in agent.log().splitlines() if " ERROR " in ln or "Traceback" in ln]
     assert errors == [], errors
+
+
+def test_shadow_rejects_a_3x_slower_candidate_on_latency_and_too_few_frames_at_its_deadline(
+        tmp_path: Path, broker: Any, ota_keys: Any) -> None:
+    """A candidate whose every inference takes 20 ms longer (the trial's own latency gate
+    loosened by its policy) passes the trial but fails shadow's latency gate with the
+    figure. Then, with no frame arriving, a good candidate's shadow evaluation ends at its
+    `max_duration` as `not enough frames`, which does not block its version."""
+    from candidates import catalog_dir, model_dir  # type: ignore[import-not-found]
+    from device import Frames, Watch, pack, push, start_device  # type: ignore[import-not-found]
+    agent = start_device(tmp_path, broker, ota_keys.pub_path)
+    try:
+        with Watch(broker.url) as watch:
+            with Frames(broker.url):
+                watch.wait_events(5)
+                slow = model_dir(tmp_path, "slow", knobs={"wrap": "litert", "delay_ms": 20})
+                push(pack(slow, 2, tmp_path / "slow", ota_keys.private, policy=Policy(
+                    max_latency_ratio=50.0,
+                    shadow={"frames": 8, "max_share": 1.0, "max_duration": 120}))[1], broker)
+                slowed = watch.state(2, "rejected", agent, timeout=90)
+            quiet = pack(catalog_dir(), 3, tmp_path / "quiet", ota_keys.private,
+                         policy=Policy(shadow={"frames": 20, "max_duration": 2}))[1]
+            push(quiet, broker)
+            short = watch.state(3, "rejected", agent, timeout=90)
+    finally:
+        agent.stop()
+    reason = slowed["update"]["reason"]
+    assert reason.startswith("shadow: latency p95 ratio "), reason
+    assert slowed["update"]["shadow"]["frames"] == 8
+    assert slowed["update"]["shadow"]["latency_ratio"] > 2.0
+    assert short["update"]["reason"] == ("not enough frames: 0 evaluated in shadow, at least "
+                                         "20 needed")
+    assert short["update"]["shadow"]["frames"] == 0
+    assert short["active"]["version"] == 1

@@ -7,8 +7,11 @@ code. Group commit: the next batch gathers while the current one syncs, and
 commits start at most once per `commit_interval_ms`, so at sensor rates many
 inputs share one transaction (one fsync, one trip to the writer thread).
 Deliveries start no transaction of their own: their deletes ride with the next
-commit, or go after `SETTLE_S` when no input comes (a crash before that resends
-those rows: duplicates under the same key, never a loss).
+commit, or go after `SETTLE_S` when no input comes. A crash resends the rows
+whose deletes had not committed (duplicates under the same key, never a loss):
+the sender counts them against its in-flight window (`settling`), and asks for
+a commit (`settle_soon`) when they fill it, so a crash still resends at most
+one window.
 Bounds (bytes, count, free disk) apply `on_full`, a whole input at a time;
 every drop is counted.
 An output on a topic no broker takes (a step's mistake) is never stored: it
@@ -57,10 +60,7 @@ SHRINK_STEPS = 8  # incremental vacuum steps per commit while recovering
 VACUUM_AFTER_ROWS = 10_000  # give pages back once a backlog this large drained
 OPEN_BUSY_S = 60.0  # how long a start waits for another process's lock on the file
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
-# Deliveries (deletes) wait for the next commit, this long at most when no input comes,
-# or until this many are waiting (an uplink draining a backlog).
-SETTLE_S = 1.0
-SETTLE_ROWS = 256
+SETTLE_S = 1.0  # deliveries (deletes) wait for the next commit this long at most
 # Inputs waiting for their commit that end the commit interval early, as a share of
 # how many unacknowledged messages the broker may send (`Intake.inbound_window`): it
 # sends nothing more until they are acknowledged. Without an intake: Mosquitto's
@@ -116,6 +116,8 @@ class Outbox:
         self._window: asyncio.Future[None] | None = None  # the commit interval running
         self._early = EARLY_INPUTS  # inputs waiting that end it early
         self._settle_timer: asyncio.TimerHandle | None = None  # commits waiting deletes
+        self._settling = 0  # deletes and dead letters in the commit under way
+        self._urgent = False  # the sender waits for deletes: commit without waiting
         self._room = asyncio.Event()
         self._room.set()
         self._disk_free = 1 << 62
@@ -125,6 +127,7 @@ class Outbox:
         self._reserved = True
         self.on_rows: Callable[[list[Row]], None] = lambda rows: None
         self.on_evicted: Callable[[int, int], None] = lambda lane, upto: None
+        self.on_settled: Callable[[], None] = lambda: None  # deletes committed
         self.lanes_on_disk: set[int] = set()
         self._valid_topics: set[str] = set()
         # While input is sparse, it waits in its socket (`intake`: the local broker's
@@ -196,9 +199,8 @@ class Outbox:
         dones = self._dones
         dones.append((self._base + len(self._inserts), done))
         self._wake.set()
-        window = self._window
-        if window is not None and len(dones) >= self._early and not window.done():
-            window.set_result(None)
+        if self._window is not None and len(dones) >= self._early:
+            self._end_window()
 
     def _publishable(self, items: list[Outgoing]) -> list[Outgoing]:
         """`items` without those on a topic no broker takes; each dropped one is counted.
@@ -263,16 +265,34 @@ class Outbox:
         """The next hop took `row` (success reason code): delete it in the next commit."""
         self._settle(row, "delivered")
 
-    def _delete(self, row: Row) -> None:
-        """Queue the delete of `row`; it starts a commit only when many wait, rows are held
-        for room (reject_new), or after SETTLE_S."""
-        deletes = self._deletes
-        deletes.append((row.lane, row.id))
-        if len(deletes) >= SETTLE_ROWS or (self._inserts and not self._room.is_set()):
+    @property
+    def settling(self) -> int:
+        """Rows delivered (or dead-lettered) whose deletes are not committed yet: a crash
+        now would send them again."""
+        return len(self._deletes) + len(self._dead) + self._settling
+
+    def settle_soon(self) -> None:
+        """Commit the waiting deletes now, without waiting for the commit interval (the
+        sender's window is full of rows that would go again after a crash)."""
+        if not self._urgent:
+            self._urgent = True
             self._wake.set()
-        elif self._settle_timer is None:
+            self._end_window()
+
+    def _end_window(self) -> None:
+        window = self._window
+        if window is not None and not window.done():
+            window.set_result(None)
+
+    def _delete(self, row: Row) -> None:
+        """Queue the delete of `row`: it rides with the next commit, starts one when rows
+        are held for room (reject_new), or goes after SETTLE_S."""
+        self._deletes.append((row.lane, row.id))
+        if self._inserts and not self._room.is_set():
+            self._wake.set()
+        elif self._settle_timer is None:  # whatever the commit interval
             self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_S,
-                                                                       self._wake.set)
+                                                                       self.settle_soon)
 
     def to_dead(self, row: Row, reason: str) -> None:
         """Move `row` to the dead-letter table (refused by the broker, or too large)."""
@@ -300,9 +320,10 @@ class Outbox:
         """Commit batches forever; never lose what was submitted (retry on disk errors).
 
         Group commit: while one batch is in SQLite (and its fsync), the next gathers
-        in memory. A commit starts at most `commit_interval_ms` after the previous
-        one started (at once after a quiet spell): the most it adds to an input's
-        acknowledgement. A full batch, or EARLY_INPUTS inputs waiting, go at once.
+        in memory. A commit starts `commit_interval_ms` after the previous one started
+        at the soonest (at once after a quiet spell): the most it adds to an input's
+        acknowledgement. A full batch, enough inputs waiting (`_early`), or the
+        sender waiting for deletes (`settle_soon`) start it at once.
         """
         loop = asyncio.get_running_loop()
         interval = self.cfg.commit_interval_ms / 1000.0
@@ -319,23 +340,16 @@ class Outbox:
                     self._low_disk()
                 else:
                     await self._wake.wait()
-                wait = started + interval - loop.time()
-                if wait > 0 and len(self._dones) < self._early \
+                if not self._urgent and len(self._dones) < self._early \
                         and len(self._inserts) < self.cfg.commit_max_rows:
-                    # One timer per commit, never per message; `submit` may end it early.
-                    self._window = window = loop.create_future()
-                    timer = loop.call_later(wait, _resolve, window)
-                    try:
-                        await window
-                    finally:
-                        timer.cancel()
-                        self._window = None
+                    await self._until(started + interval)
                 self._wake.clear()
+                self._urgent = False
                 started = loop.time()
-                # Sparse: well below what ends an interval early, so pausing the input
-                # cannot hold the broker back (a busy input is read as it comes).
-                sparse = bool(interval) and len(self._dones) < self._early // 2 \
-                    and not self._split
+                # Sparse: fewer than end an interval early, so what waits in the socket
+                # until the next commit stays within the broker's window (a busy input is
+                # read as it comes).
+                sparse = bool(interval) and len(self._dones) < self._early and not self._split
                 self._hold(sparse)  # sparse input waits in its socket during the commit
                 try:
                     await self.flush()
@@ -362,15 +376,31 @@ class Outbox:
             else:
                 intake.resume_reading()
 
+    async def _until(self, when: float) -> None:
+        """Wait until the loop's clock reads `when`, or less: enough inputs (`submit`) or
+        the sender waiting for deletes (`settle_soon`) end the wait early. One timer per
+        commit, never one per message."""
+        loop = asyncio.get_running_loop()
+        wait = when - loop.time()
+        if wait <= 0:
+            return
+        self._window = window = loop.create_future()
+        timer = loop.call_later(wait, _resolve, window)
+        try:
+            await window
+        finally:
+            timer.cancel()
+            self._window = None
+
     async def _quiet(self, until: float) -> None:
         """Sparse input: until the next commit may start (`until`), what comes waits in
         the sockets (the input's, and those in `quiet`); then it is read in one go.
         One loop wake-up per commit interval instead of one per message or PUBACK."""
-        loop = asyncio.get_running_loop()
         for p in self.quiet:
             p.pause_reading()
         try:
-            await asyncio.sleep(until - loop.time())
+            if not self._urgent:
+                await self._until(until)
         finally:
             self._hold(False)
             for p in self.quiet:
@@ -466,11 +496,13 @@ class Outbox:
                       durable: bool, states: dict[str, bytes] | None = None) -> None:
         assert self.store is not None
         t0 = time.perf_counter()
+        self._settling = len(deletes) + len(dead)
         try:
             # SQLite blocks (and fsyncs): the one writer thread, never the loop.
             rows, evicted = await self._writer.call(
                 self.store.commit, inserts, deletes, dead, evict, durable, states)
         except OutboxError as exc:
+            self._settling = 0
             # Put everything back in front; nothing was acknowledged yet.
             n = len(inserts)
             self._inserts = inserts + self._inserts
@@ -481,6 +513,7 @@ class Outbox:
             self._states = {**(states or {}), **self._states}  # newer state wins
             self._split = self._split or isinstance(exc, DiskFullError)
             raise
+        self._settling = 0
         if self._split:
             await self._run(self.store.checkpoint)  # keep the WAL from growing the disk
         self.counters.observe("commit", (time.perf_counter() - t0) * 1000.0)
@@ -500,6 +533,8 @@ class Outbox:
                 d()  # the inputs may now be acknowledged to the local broker
         if rows:
             self.on_rows(rows)
+        if deletes or dead:
+            self.on_settled()
         if self.count == 0 and self._peak > VACUUM_AFTER_ROWS:
             self._peak = 0
             await self.vacuum()

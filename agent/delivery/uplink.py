@@ -1,7 +1,9 @@
 """The uplink sender: outbox rows to the next hop, in order per lane, within a window.
 
 A row leaves the outbox only when the next hop answered its PUBLISH with a
-success reason code. A failure code, a row larger than the broker's maximum
+success reason code. Rows delivered but not yet deleted (the outbox commits
+their deletes with its next commit) still count against the in-flight window:
+after a crash, at most one window goes again. A failure code, a row larger than the broker's maximum
 packet size, a topic no broker takes (too long, a wildcard, NUL: e.g. stored
 by an older agent) or any error building its PUBLISH sends that row to the
 dead-letter table, with the reason, instead of blocking the lane or stopping
@@ -63,6 +65,7 @@ class Sender:
         self._paused = False
         outbox.on_rows = self._committed
         outbox.on_evicted = self._evicted
+        outbox.on_settled = self._pump
         outbox.quiet.append(self)
         for priority in outbox.lanes_on_disk:
             self._lane(priority).on_disk = True  # a backlog from before: stream it
@@ -145,24 +148,32 @@ class Sender:
         wake the task (`_fill`) when a lane must first read from disk."""
         if not self.conn.connected.is_set():
             return
-        window = self.window
         for lane in self.lanes.values():
             queue = lane.queue
-            while queue and self._inflight < window:
+            while queue:
+                if not self._room():
+                    return
                 row = queue.popleft()
                 if not self._send(lane, row):
                     queue.appendleft(row)
                     return
-            if self._inflight >= window:
-                return
             if lane.on_disk:
                 self._wake.set()  # lower lanes wait for this one's page
                 return
 
+    def _room(self) -> bool:
+        """Room in the window: in flight, and delivered but not yet deleted, count."""
+        settling = self.outbox.settling
+        if self._inflight + settling < self.window:
+            return True
+        if settling:
+            self.outbox.settle_soon()  # they free the window once their deletes commit
+        return False
+
     async def _fill(self) -> None:
         """Send until the window is full or every lane is empty."""
         for lane in list(self.lanes.values()):
-            while self._inflight < self.window:
+            while self._room():
                 if not lane.queue:
                     if lane.on_disk and not lane.loading:
                         await self._load(lane)
@@ -172,8 +183,8 @@ class Sender:
                 if not self._send(lane, row):
                     lane.queue.appendleft(row)
                     return
-            if self._inflight >= self.window:
-                return
+            else:
+                return  # the window is full
 
     async def _load(self, lane: Lane) -> None:
         lane.loading = True

@@ -38,7 +38,10 @@ from agent.urls import redact_url
 
 log = logging.getLogger(__name__)
 
+# Keepalive checks: an eighth of the keepalive, between these bounds (30 s -> 1 s, 2 s ->
+# 0.25 s): an idle agent wakes a few times a second, not eight.
 HOUSEKEEPING_S = 0.25
+HOUSEKEEPING_MAX_S = 1.0
 STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff
 DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own default
 # The Maximum Packet Size we advertise (MQTT 5) and enforce (both versions), counting
@@ -370,9 +373,10 @@ class Connection:
         proto = self._proto
         assert proto is not None
         keepalive = float(self.cfg.keepalive_s)
+        every_s = min(HOUSEKEEPING_MAX_S, max(HOUSEKEEPING_S, keepalive / 8))
         pinged = 0.0
         while not proto.lost.done():
-            await asyncio.wait([proto.lost], timeout=HOUSEKEEPING_S)
+            await asyncio.wait([proto.lost], timeout=every_s)
             idle = time.monotonic() - self.last_in
             # A blackhole (socket open, no complete packet arriving) is caught within
             # 1.25x keepalive: ping after half a keepalive of silence, give up after 1.25x.

@@ -350,3 +350,34 @@ def test_shadow_rejects_a_3x_slower_candidate_on_latency_and_too_few_frames_at_i
                                          "20 needed")
     assert short["update"]["shadow"]["frames"] == 0
     assert short["active"]["version"] == 1
+
+
+def test_kill_9_in_shadow_resumes_the_evaluation_with_its_deadline_and_commits(
+        tmp_path: Path, broker: Any, ota_keys: Any) -> None:
+    """kill -9 while the candidate is in shadow: after the restart version 1 runs, the
+    update resumes in shadow (the trial again, then the comparison) with the time it
+    first entered shadow, so its max_duration is not restarted, and ends committed."""
+    from candidates import catalog_dir  # type: ignore[import-not-found]
+    from device import Frames, Watch, pack, push, restart, start_device  # type: ignore[import-not-found]
+    agent = start_device(tmp_path, broker, ota_keys.pub_path)
+    release_json = pack(catalog_dir(), 2, tmp_path / "out", ota_keys.private, policy=Policy(
+        probation_s=1.0, shadow={"frames": 40, "max_duration": 300}))[1]
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url):
+            watch.wait_events(3)
+            push(release_json, broker)
+            entered = watch.state(2, "shadow", agent, timeout=90)
+            agent.kill()
+            agent = restart(agent)
+            done = watch.state(2, "committed", agent, timeout=120)
+            states = watch.states()
+            resumed_log = agent.log()
+    finally:
+        agent.stop()
+    # one log for both processes: the candidate went into shadow before and after the kill
+    assert resumed_log.count("version 2 runs in shadow") == 2, resumed_log[-3000:]
+    assert done["active"]["version"] == 2
+    assert done["update"]["shadow"]["frames"] == 40 and done["update"]["shadow"]["f1"] == 1.0
+    in_shadow = [d["update"]["ts"] for d in states
+                 if d["update"] and d["update"]["state"] == "shadow"]
+    assert len(in_shadow) >= 2 and set(in_shadow) == {entered["update"]["ts"]}

@@ -21,6 +21,7 @@ import sqlite_utils
 
 from agent.config import OutboxConfig
 from agent.delivery.store import DB_NAME, Store, holders
+from agent.errors import OutboxError
 from agent.messages import Outgoing
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -46,7 +47,7 @@ def main(op: str, data_dir: str, *, limit: int = 10, dead: bool = False,
         if op == "purge":
             return purge(path, dead, yes)
         return retry_dead(path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OutboxError) as exc:  # raw SQL here, the Store's own errors
         print(f"fogwhisk outbox: {path}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -21,7 +21,9 @@ model (at most `max_share` of its inference time), its detections only compared.
 At `frames` evaluated frames, or at `max_duration` on what there is, the
 comparison (`agent.ota.shadow`) decides: the already loaded candidate is swapped
 in, or the update is rejected with the figures; the summary is `update.shadow`
-in the state report.
+in the state report. `mode = "observe"` never promotes: the candidate stays in
+shadow, one summary per `interval` goes on <prefix>/<device>/models/<name>/shadow
+(and in the state report), until a newer release or an empty deploy ends it.
 
 Probation is watched every second: the candidate's error rate and p95 (from the
 model hub) against the release's policy; past either, the previous version, still
@@ -89,6 +91,7 @@ TRIAL_STATE_S = 300.0  # the trial child has its own, shorter, `trial_timeout`
 STALL_S = 60.0  # a download without a new byte for this long fails
 MAX_INBOX = 64  # models with a deploy waiting; beyond, a deploy is refused unread
 SHADOW_POLL_S = 0.25  # the shadow comparison's frames are counted this often
+OBSERVE_LIMIT = 100_000  # observe mode: frames kept per interval at most
 SHADOW_REPORT_S = 5.0  # the summary so far goes in the state report at most this often
 CANCELLED = "cancelled by the operator"  # an empty deploy: the release was withdrawn
 
@@ -466,10 +469,15 @@ class Controller:
         except ModelError as exc:
             raise ReleaseError(f"cannot load in the agent: {exc}") from exc
         from agent.vision.hub import ShadowRun  # numpy, OpenCV: only where a hub exists
+        observe = policy.mode == "observe"
         self.hub.start_shadow(name, candidates, ShadowRun(
-            r.version, lambda a, c: shadow.every(a, c, policy.max_share), policy.frames))
+            r.version, lambda a, c: shadow.every(a, c, policy.max_share),
+            OBSERVE_LIMIT if observe else policy.frames))
         passed = False
         try:
+            if observe:
+                await self._observe(name, r, policy)  # until cancelled
+                return None
             reported, counted = time.monotonic(), 0
             while True:
                 frames = self.hub.shadow_frames(name)
@@ -495,6 +503,27 @@ class Controller:
                 for d in taken:
                     d.close()
         return taken
+
+    async def _observe(self, name: str, r: Release, policy: shadow.ShadowPolicy) -> None:
+        """Champion/challenger: one summary per interval, published and reported; never
+        promoted (a newer release or an empty deploy cancels this)."""
+        assert self.hub is not None
+        topic = f"{self.prefix}/{self.device}/models/{name}/shadow"
+        self.hub.take_shadow_frames(name)
+        while True:
+            start = time.time()
+            await asyncio.sleep(policy.interval_s)
+            summary = _summary(self.hub.take_shadow_frames(name)).to_json()
+            now = time.time()
+            s = self.states[name]
+            doc = {"name": name, "version": r.version,
+                   "active": s.active.version if s.active is not None else None,
+                   "mode": "observe", "from": round(start, 3), "to": round(now, 3), **summary}
+            self.submit([Outgoing(topic, json.dumps(doc, separators=(",", ":")).encode(),
+                                  f"{self.device}:ota:{name}:shadow:{now:.3f}", "ota",
+                                  priority=STATE_PRIORITY, qos=1, retain=False,
+                                  created=now)], None)
+            await self._apply(name, ShadowReport(summary, now))
 
     async def _swap(self, name: str, r: Release, manifest: Manifest,
                     loaded: list[Detector] | None = None) -> None:
@@ -653,7 +682,8 @@ class Controller:
         return Timeouts(download_s=DOWNLOAD_S, verify_s=VERIFY_S,
                         trial_s=max(TRIAL_STATE_S, float(self.cfg.ota.trial_timeout) + 60.0),
                         probation_s=self._probation_s(r),
-                        shadow_s=(sp or shadow.ShadowPolicy()).max_duration_s + 60.0)
+                        shadow_s=None if sp is not None and sp.mode == "observe" else
+                        (sp or shadow.ShadowPolicy()).max_duration_s + 60.0)
 
     def _probation_s(self, r: Release | None) -> float:
         if r is not None and r.policy.probation_s is not None:

@@ -18,7 +18,9 @@ detections and inference times. `summarize` turns the frames into a `Summary`:
 
 `judge(summary, policy)` applies the signed gates (`ShadowPolicy`: min_agreement,
 rate_ratio, max_latency_ratio, the sanity flags) and returns the reason a
-candidate fails, or None. No I/O, no clock.
+candidate fails, or None. With `mode = "observe"` the device never promotes the
+candidate: it publishes one summary per `interval` (champion/challenger data).
+No I/O, no clock.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, Literal
 IOU_MATCH = 0.5
 MIN_BASELINE_MS = 5.0  # as agent.ota.trial: latency ratios are taken against at least this
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max
-Mode = Literal["gate"]
+Mode = Literal["gate", "observe"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,8 @@ class ShadowPolicy:
     min_agreement: float = 0.5
     rate_ratio: tuple[float, float] = (0.33, 3.0)
     max_latency_ratio: float = 2.0
-    mode: Mode = "gate"
+    mode: Mode = "gate"  # "observe": never promoted, one summary per interval
+    interval_s: float = 60.0  # observe: seconds per published summary
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.min_frames < 1:
@@ -81,6 +84,8 @@ class ShadowPolicy:
             raise ValueError("policy.shadow.rate_ratio must be [low, high] with 0 <= low <= high")
         if not self.max_latency_ratio > 0:
             raise ValueError("policy.shadow.max_latency_ratio must be above 0")
+        if not self.interval_s >= 1:
+            raise ValueError("policy.shadow.interval must be 1 s or more")
 
     @property
     def enough(self) -> int:
@@ -106,11 +111,13 @@ class ShadowPolicy:
                     raise ValueError(f"{where}.rate_ratio must be [low, high], got {value!r}")
                 args[key] = (_number(value[0], f"{where}.rate_ratio"),
                              _number(value[1], f"{where}.rate_ratio"))
-            elif key == "mode":  # "observe" (never promote) is not implemented yet
-                if value != "gate":
-                    raise ValueError(f"{where}.mode {value!r} is not supported by this agent "
-                                     "(it knows \"gate\")")
+            elif key == "mode":
+                if value not in ("gate", "observe"):
+                    raise ValueError(f"{where}.mode must be \"gate\" or \"observe\", "
+                                     f"got {value!r}")
                 args[key] = value
+            elif key == "interval":
+                args["interval_s"] = _number(value, f"{where}.interval")
             else:
                 raise ValueError(f"{where} key {key!r} is not known to this agent")
         return cls(**args)

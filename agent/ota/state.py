@@ -20,6 +20,8 @@ comparison summary (`ShadowReport`) stays with the update (`update.shadow` in th
 report, `f1` the figure a fleet rollout reads) through probation and the outcome.
 Its deadline is the policy's `max_duration` plus a margin: the controller decides
 at `max_duration` on what it has; the deadline only catches a controller that did not.
+The one state without a deadline: shadow in `observe` mode, which by design lasts
+until a newer release or an empty deploy replaces it.
 
 `step(state, event) -> state` bumps `seq` on every change; `document()` is
 the retained state report.
@@ -48,7 +50,7 @@ class Timeouts:
     verify_s: float = 600.0
     trial_s: float = 300.0
     probation_s: float = 600.0
-    shadow_s: float = 1800.0 + 60.0  # policy.shadow.max_duration and a margin
+    shadow_s: float | None = 1800.0 + 60.0  # max_duration and a margin; None: observe mode
 
     def of(self, state: State) -> float | None:
         return {"downloading": self.download_s, "verifying": self.verify_s,

@@ -100,6 +100,14 @@ class ShadowRun:
         with self._lock:
             return list(self.frames)
 
+    def take(self) -> list[ShadowFrame]:
+        """The frames so far, and start over (observe mode: one summary per interval)."""
+        with self._lock:
+            out, self.frames = self.frames, []
+            self.seen = 0
+            self.active_ms = self.candidate_ms = 0.0
+            return out
+
 
 class _Record:
     __slots__ = ("errors", "frames", "latencies")
@@ -249,6 +257,10 @@ class ModelHub:
     def shadow_frames(self, name: str) -> list[ShadowFrame]:
         run = self.shadows.get(name)
         return [] if run is None else run.snapshot()
+
+    def take_shadow_frames(self, name: str) -> list[ShadowFrame]:
+        run = self.shadows.get(name)
+        return [] if run is None else run.take()
 
     def record(self, name: str, version: int, ok: bool, ms: float) -> None:
         with self._lock:

@@ -181,7 +181,9 @@ def test_the_summary_document_carries_f1_for_the_rollout() -> None:
 def test_policy_shadow_keys_and_defaults() -> None:
     p = ShadowPolicy.from_json({})
     assert (p.frames, p.max_duration_s, p.max_share, p.min_agreement, p.rate_ratio,
-            p.max_latency_ratio, p.mode) == (200, 1800.0, 0.5, 0.5, (0.33, 3.0), 2.0, "gate")
+            p.max_latency_ratio, p.mode, p.interval_s) == \
+        (200, 1800.0, 0.5, 0.5, (0.33, 3.0), 2.0, "gate", 60.0)
+    assert ShadowPolicy.from_json({"mode": "observe", "interval": 5}).interval_s == 5.0
     p = ShadowPolicy.from_json({"frames": 20, "max_duration": 60, "rate_ratio": [0.5, 2],
                                 "min_agreement": 0.8, "max_share": 0.25})
     assert (p.frames, p.max_duration_s, p.rate_ratio, p.min_agreement, p.max_share) == \
@@ -200,7 +202,7 @@ def test_policy_shadow_keys_and_defaults() -> None:
     ({"max_latency_ratio": float("nan")}, "max_latency_ratio"),
     ({"max_duration": "30m"}, "max_duration"),
     ({"mode": "promote"}, "mode"),
-    ({"mode": "observe"}, "'observe' is not supported"),  # not implemented: refused, not gated
+    ({"interval": 0.5}, "interval"),
     ({"frmaes": 20}, "'frmaes' is not known"),
 ])
 def test_a_bad_policy_shadow_is_refused_naming_the_key(raw: object, key: str) -> None:
@@ -381,3 +383,52 @@ def test_kill_9_in_shadow_resumes_the_evaluation_with_its_deadline_and_commits(
     in_shadow = [d["update"]["ts"] for d in states
                  if d["update"] and d["update"]["state"] == "shadow"]
     assert len(in_shadow) >= 2 and set(in_shadow) == {entered["update"]["ts"]}
+
+
+def test_observe_mode_keeps_the_candidate_in_shadow_publishing_summaries_never_promoting(
+        tmp_path: Path, broker: Any, ota_keys: Any) -> None:
+    """policy.shadow.mode = "observe": the candidate stays in shadow past `frames`, one
+    comparison summary per interval goes on fog/<device>/models/<name>/shadow, version 1
+    stays active and makes every event; an empty deploy (the release withdrawn) ends it."""
+    import json
+
+    from candidates import catalog_dir  # type: ignore[import-not-found]
+    from device import (  # type: ignore[import-not-found]
+        DEVICE,
+        NAME,
+        Frames,
+        Watch,
+        deploy_raw,
+        pack,
+        push,
+        start_device,
+    )
+    from helpers import Collector  # type: ignore[import-not-found]
+    agent = start_device(tmp_path, broker, ota_keys.pub_path)
+    release_json = pack(catalog_dir(), 2, tmp_path / "out", ota_keys.private, policy=Policy(
+        shadow={"mode": "observe", "interval": 1, "frames": 5}))[1]
+    topic = f"fog/{DEVICE}/models/{NAME}/shadow"
+    try:
+        with Watch(broker.url) as watch, Frames(broker.url) as frames, \
+                Collector(broker.url, [topic]) as summaries:
+            watch.wait_events(3)
+            push(release_json, broker)
+            watch.state(2, "shadow", agent, timeout=90)
+            summaries.wait_for(3, timeout=60)
+            still = watch.latest()
+            deploy_raw(broker, b"")
+            ended = watch.state(2, "rejected", agent, timeout=60)
+            sent = frames.stop()
+            events = watch.wait_events(sent)
+            got = [json.loads(m.payload) for m in summaries.snapshot(topic)]
+    finally:
+        agent.stop()
+    assert still["update"]["state"] == "shadow" and still["active"]["version"] == 1
+    assert still["update"]["shadow"]["f1"] == 1.0
+    assert ended["update"]["reason"] == "cancelled by the operator"
+    assert ended["active"]["version"] == 1
+    assert all(s["version"] == 2 and s["active"] == 1 and s["mode"] == "observe"
+               for s in got), got
+    assert sum(s["frames"] for s in got) > 5  # past `frames`: observing never decides
+    assert all(s["f1"] == 1.0 for s in got if s["frames"])
+    assert {e["model"]["version"] for e in events} == {1} and len(events) == sent

@@ -261,3 +261,11 @@ updates = st.builds(Update, st.none() | st.integers(0, 99), st.sampled_from(STAT
                  st.floats(0, 2e9, allow_nan=False)))
 def test_the_persisted_form_round_trips(s: ModelState) -> None:
     assert from_json(to_json(s)) == s
+
+
+def test_shadow_in_observe_mode_has_no_deadline_and_ends_only_by_a_newer_release() -> None:
+    observe = replace(T, shadow_s=None)
+    s = step(at("trial"), Advance("shadow", 20.0, observe))
+    assert s.update is not None and s.update.deadline is None
+    assert step(s, Tick(20.0 + 10**9)) is s
+    assert step(s, offer(3, 30.0)).update.state == "downloading"  # type: ignore[union-attr]

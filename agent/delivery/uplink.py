@@ -3,11 +3,12 @@
 A row leaves the outbox only when the next hop answered its PUBLISH with a
 success reason code. Rows delivered but not yet deleted (the outbox commits
 their deletes with its next commit) still count against the in-flight window:
-after a crash, at most one window goes again. A failure code, a row larger than the broker's maximum
-packet size, a topic no broker takes (too long, a wildcard, NUL: e.g. stored
-by an older agent) or any error building its PUBLISH sends that row to the
-dead-letter table, with the reason, instead of blocking the lane or stopping
-the agent. After a reconnect the unacknowledged rows go again, in order.
+after a crash, at most one window goes again. A failure code, a row larger
+than the broker's maximum packet size, a topic no broker takes (too long, a
+wildcard, NUL: e.g. stored by an older agent) or any error building its
+PUBLISH sends that row to the dead-letter table, with the reason, instead of
+blocking the lane or stopping the agent. After a reconnect the unacknowledged
+rows go again, in order.
 
 The backlog streams from disk a page at a time; only a bounded window of
 rows is ever in memory, however long the outage was. Rows in memory are sent

@@ -77,7 +77,7 @@ class Broker:
         lines = [TEST_CONF.read_text(), "", "# --- appended by tests/conftest.py ---"]
         if os.geteuid() == 0:
             # Started as root Mosquitto switches to user `mosquitto`, which cannot
-            # write into the test's temporary directory (FACTS.md).
+            # write into the test's temporary directory.
             lines.append("user root")
         if self.persistence:
             self.data_dir.mkdir(exist_ok=True)

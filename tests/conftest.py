@@ -2,7 +2,7 @@
 
 Each broker starts from `broker-config/test.conf`, copied into the test's
 temporary directory with the per-broker lines appended (listener, user,
-persistence, extras). Never a mocked client: STYLE.md rule 19.
+persistence, extras). Never a mocked client.
 
     def test_x(broker): ...                        # one broker
     def test_y(local_broker, uplink_broker): ...   # an edge bus and a next hop

@@ -139,14 +139,14 @@ def test_every_shipped_config_starts_and_listens_on_all_its_ports(conf: str, shi
 
 
 def test_every_shipped_config_sets_tcp_nodelay() -> None:
-    """FACTS.md: without it concurrent QoS1 publishes stall at a few hundred per second."""
+    """Without it concurrent QoS1 publishes stall at a few hundred per second."""
     for path in CONF_FILES:
         lines = {line.strip() for line in path.read_text().splitlines()}
         assert "set_tcp_nodelay true" in lines, path.name
 
 
 def test_no_persistent_config_keeps_the_default_queue_limit() -> None:
-    """FACTS.md: past the default 1000 queued messages Mosquitto drops silently."""
+    """Past the default 1000 queued messages Mosquitto drops silently."""
     for path in CONF_FILES:
         text = path.read_text()
         if re.search(r"^persistence true", text, re.M):

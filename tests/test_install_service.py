@@ -159,7 +159,7 @@ def test_the_installer_plan_reads_the_config_as_the_agent_does(tmp_path: Path) -
 id = "cam-1"
 data_dir = "var/data"
 [models]
-dir = "../shared/models"
+dir = "../common/models"
 [[pipeline]]
 name = "door"
 trigger = { camera = "/dev/video0" }
@@ -174,7 +174,7 @@ steps = [{ action = "decode" }, { action = "detect", model = "person" }, { actio
     plan = installer.plan(tomllib.loads(path.read_text()), tmp_path)
     assert Path(plan.data_dir) == cfg.data_dir
     assert Path(plan.models_dir).resolve() == cfg.models_dir.resolve() \
-        == (tmp_path.parent / "shared" / "models").resolve()
+        == (tmp_path.parent / "common" / "models").resolve()
     assert plan.vision and plan.models == ("person", "face")
     relay = installer.plan({"device": {"id": "r"}, "pipeline": [
         {"name": "r", "trigger": "s/#", "steps": [{"action": "forward"}]}]}, tmp_path)

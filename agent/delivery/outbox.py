@@ -259,6 +259,7 @@ class Outbox:
         self.count -= 1
         self.bytes -= row.size
         self.counters.inc(counter)
+        self._publish_gauges()  # at once: the delete itself may wait for the next commit
         return True
 
     def acked(self, row: Row) -> None:
@@ -303,6 +304,7 @@ class Outbox:
         self.count -= 1
         self.bytes -= row.size
         self.counters.inc("dead_lettered")
+        self._publish_gauges()
         self.telemetry.warn_burst("outbox:dead", "outbox: message %s on %s dead-lettered: %s",
                                   row.key, row.topic, reason)
         self._wake.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, wait_status, write_config
@@ -37,8 +38,15 @@ def test_sigterm_exits_0_leaves_offline_retained_and_loses_no_accepted_reading(
         again = AgentProcess(cfg, log_name="second.log")
         try:
             again.wait_ready()
-            got = cloud.wait_for(len(sent), timeout=30, topic=f"fog/{DEVICE}/{topic}")
-            assert set(sent) <= {m.payload for m in got}  # at least once
+            # At least once: wait for every distinct reading, not for a count (the
+            # resends after a stop are duplicates, and would end a count too early).
+            deadline = time.monotonic() + 30
+            while True:
+                got = {m.payload for m in cloud.snapshot(f"fog/{DEVICE}/{topic}")}
+                if set(sent) <= got or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert set(sent) <= got, (sorted(set(sent) - got)[:10], again.log()[-2000:])
         finally:
             assert again.stop() == 0, again.log()
     with Collector(uplink_broker.url, f"fog/{DEVICE}/status") as late:

@@ -1,6 +1,6 @@
 """`fogwhisk bench relay`: the agent's durable relay next to a Mosquitto bridge, same hop.
 
-All in one run on this machine, C clients at both ends (as FACTS.md's baseline):
+All in one run on this machine, C clients at both ends:
   (a) mosquitto_pub -l -> local broker -> agent (durable outbox) -> uplink -> mosquitto_sub
   (b) mosquitto_pub -l -> local broker -> Mosquitto bridge     -> uplink -> mosquitto_sub
 QoS1, 100-byte payloads. Then: a backlog buffered while the uplink is down and

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from brokers import ROOT, Broker
 from helpers import Collector, publish_many
@@ -189,3 +190,24 @@ def prime(local: Broker, cloud: Collector, agent: AgentProcess, topic: str,
             raise AssertionError(f"marker {topic} never relayed:\n{agent.log()}")
         publish_many(local.url, topic, [b"marker"])
         time.sleep(0.1)
+
+
+def pipeline_events(cloud: Collector, pipeline: str, n: int, decode: Any = json.loads,
+                    timeout: float = 10) -> list[Any]:
+    """The first `n` events of `pipeline` at the cloud, decoded."""
+    msgs = cloud.wait_for(n, timeout=timeout, topic=f"fog/{DEVICE}/events/{pipeline}")
+    return [decode(m.payload) for m in msgs]
+
+
+def telemetry_when(cloud: Collector, agent: AgentProcess, pipeline: str, counter: str,
+                   value: int, timeout: float = 10) -> dict[str, Any]:
+    """The first telemetry document where `pipeline`'s `counter` reached `value`."""
+    topic = f"fog/{DEVICE}/telemetry"
+    seen: dict[str, Any] = {}
+    for i in range(1, 1000):
+        cloud.wait_for(i, timeout=timeout, topic=topic)
+        doc: dict[str, Any] = json.loads(cloud.snapshot(topic)[-1].payload)
+        seen = doc["pipelines"].get(pipeline, {})
+        if seen.get(counter, 0) >= value:
+            return doc
+    raise AssertionError(f"{pipeline}.{counter} never reached {value}: {seen}\n{agent.log()}")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
+from agent_proc import pipeline_events as events
+from agent_proc import telemetry_when as telemetry
 from brokers import Broker
 from helpers import Collector, publish_many
 
@@ -60,26 +61,6 @@ def running(tmp_path: Path, local_broker: Broker,
         finally:
             rc = agent.stop()
         assert rc == 0, agent.log()
-
-
-def events(cloud: Collector, pipeline: str, n: int, decode: Any = json.loads,
-           timeout: float = 10) -> list[dict[str, Any]]:
-    msgs = cloud.wait_for(n, timeout=timeout, topic=f"fog/{DEVICE}/events/{pipeline}")
-    return [decode(m.payload) for m in msgs]
-
-
-def telemetry(cloud: Collector, agent: AgentProcess, pipeline: str, counter: str,
-              value: int, timeout: float = 10) -> dict[str, Any]:
-    """Wait for a telemetry document where `pipeline`'s `counter` reached `value`."""
-    topic = f"fog/{DEVICE}/telemetry"
-    seen: dict[str, Any] = {}
-    for i in range(1, 1000):
-        cloud.wait_for(i, timeout=timeout, topic=topic)
-        doc = json.loads(cloud.snapshot(topic)[-1].payload)
-        seen = doc["pipelines"].get(pipeline, {})
-        if seen.get(counter, 0) >= value:
-            return doc
-    raise AssertionError(f"{pipeline}.{counter} never reached {value}: {seen}\n{agent.log()}")
 
 
 def test_a_count_window_emits_aggregates_in_an_envelope_v1_with_increasing_seq(

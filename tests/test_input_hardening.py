@@ -22,7 +22,15 @@ import cv2
 import msgpack
 import numpy as np
 import pytest
-from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
+from agent_proc import (
+    DEVICE,
+    RELAY,
+    AgentProcess,
+    pipeline_events,
+    prime,
+    telemetry_when,
+    write_config,
+)
 from brokers import Broker
 from helpers import Collector, publish_many
 
@@ -152,24 +160,16 @@ def running(tmp_path: Path, root: Path, local_broker: Broker,
         assert rc == 0, agent.log()
 
 
-def events(cloud: Collector, pipeline: str, n: int, decode: Any = json.loads,
-           timeout: float = 20) -> list[Any]:
-    msgs = cloud.wait_for(n, timeout=timeout, topic=f"fog/{DEVICE}/events/{pipeline}")
-    return [decode(m.payload) for m in msgs]
-
-
 def counters(cloud: Collector, agent: AgentProcess, pipeline: str, counter: str,
              value: int, timeout: float = 20) -> dict[str, Any]:
-    """The first telemetry document where `pipeline`'s `counter` reached `value`."""
-    topic = f"fog/{DEVICE}/telemetry"
-    seen: dict[str, Any] = {}
-    for i in range(1, 1000):
-        cloud.wait_for(i, timeout=timeout, topic=topic)
-        doc = json.loads(cloud.snapshot(topic)[-1].payload)
-        seen = doc["pipelines"].get(pipeline, {})
-        if seen.get(counter, 0) >= value:
-            return dict(seen)
-    raise AssertionError(f"{pipeline}.{counter} never reached {value}: {seen}\n{agent.log()}")
+    """`pipeline`'s counters in the first telemetry where `counter` reached `value`."""
+    doc = telemetry_when(cloud, agent, pipeline, counter, value, timeout)
+    return dict(doc["pipelines"][pipeline])
+
+
+def events(cloud: Collector, pipeline: str, n: int, decode: Any = json.loads,
+           timeout: float = 20) -> list[Any]:
+    return pipeline_events(cloud, pipeline, n, decode, timeout)
 
 
 def peak_rss_kib(agent: AgentProcess) -> int:

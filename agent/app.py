@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from agent import __version__, systemd
+from agent import __version__, memory, systemd
 from agent.actions import registry
 from agent.config import Config, PipelineConfig
 from agent.delivery.outbox import Outbox
@@ -172,6 +172,7 @@ class Agent:
                 # boot must not fail the unit; the connection keeps retrying meanwhile).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.local.connected.wait(), READY_WAIT_LOCAL_S)
+                memory.page_out_start_up()
                 self.ready.set()
                 systemd.ready(f"pipelines: {', '.join(self.pipelines) or 'none'}")
                 log.info("fogwhisk %s ready in %.0f ms: device %s, pipelines %s", __version__,

@@ -27,10 +27,10 @@ from agent import __version__, memory, systemd
 from agent.actions import registry
 from agent.config import Config, PipelineConfig
 from agent.delivery.outbox import Outbox
-from agent.delivery.uplink import Sender
+from agent.delivery.uplink import KEY_PROPERTY, Sender
 from agent.errors import AgentError
 from agent.messages import Message
-from agent.mqtt import topics
+from agent.mqtt import codec, topics
 from agent.mqtt.connection import Connection, Inbound, Will
 from agent.pipeline import Action, ActionContext, Pipeline
 from agent.telemetry import Telemetry
@@ -249,6 +249,10 @@ class Agent:
             inbound.ack()
             return
         msg = Message(inbound.topic, inbound.payload, time.time())
+        if inbound.properties is not None:  # a relayed reading's key: forward key = "keep"
+            for name, value in inbound.properties.get(codec.USER_PROPERTY, ()):
+                if name == KEY_PROPERTY:
+                    msg.meta[KEY_PROPERTY] = value
         if len(targets) == 1:
             targets[0].offer(msg, inbound.ack if inbound.qos else None)
             return

@@ -173,28 +173,24 @@ def test_the_edge_broker_queues_past_the_default_limit_for_an_offline_agent(
         agent.stop()
 
 
-def test_the_gateway_bridge_carries_device_events_to_the_cloud_over_mtls(
+def test_the_gateway_bridge_carries_ota_down_to_the_device_listener_over_mtls(
     shipped, certs: Certs  # type: ignore[no-untyped-def]
 ) -> None:
+    """A release published at the cloud reaches a device on the gateway's mTLS listener.
+
+    Device traffic goes up through the gateway agent (tests/fabric/), not the bridge.
+    """
     cloud = shipped("cloud-tls.conf")
     gateway = shipped("gateway.conf", bridge_to=cloud.ports[8883])
-    topic = f"fog/cam-frontdoor/{unique_topic('bridge')}"
+    with Collector(gateway.url_for(1883), "fog/_bridge/gateway/state") as state:
+        while state.wait_for(1)[-1].payload != b"1":  # the bridge is up
+            state.clear()
+    deploy = f"fog/cam-frontdoor/models/{unique_topic('m').replace('/', '-')}/deploy"
+    device = Tls(certs.ca, certs.cert("cam-frontdoor"), certs.key("cam-frontdoor"))
     operator = Tls(certs.ca, certs.cert("operator"), certs.key("operator"))
-    with Collector(cloud.url_for(8883, tls=True), topic, tls=operator) as c:
-        # The bridge connects on its own schedule: publish until the first one
-        # arrives, then one more, which must arrive in order after it.
-        received: list[bytes] = []
-        for i in range(200):
-            publish_one(gateway.url_for(1883), topic, f"{i}".encode())
-            try:
-                received = [m.payload for m in c.wait_for(1, timeout=0.25)]
-                break
-            except AssertionError:
-                continue
-        assert received, gateway.log()
-        publish_one(gateway.url_for(1883), topic, b"last")
-        got = c.wait_for(len(received) + 1)
-    assert got[-1].payload == b"last"
+    publish_one(cloud.url_for(8883, tls=True), deploy, b"manifest", retain=True, tls=operator)
+    with Collector(gateway.url_for(8883, tls=True), deploy, tls=device) as dev:
+        assert [m.payload for m in dev.wait_for(1)] == [b"manifest"], gateway.log()
 
 
 def test_the_bridge_session_outlives_a_gateway_restart(

@@ -384,7 +384,9 @@ class Controller:
                 num_threads=self.cfg.runtime.num_threads,
                 timeout_s=float(self.cfg.ota.trial_timeout),
                 max_latency_ratio=r.policy.max_latency_ratio,
-                baseline=(active.directory, active.path))
+                baseline=(active.directory, active.path),
+                min_golden_recall=r.policy.min_golden_recall,
+                min_golden_precision=r.policy.min_golden_precision)
             log.info("ota: model %s: version %d passed its trial (p50 %.1f ms, p95 %.1f ms, "
                      "active p95 %s ms)", name, r.version, result.p50_ms, result.p95_ms,
                      result.baseline_p95_ms)

@@ -4,6 +4,11 @@
 model file (the manifest then names runtime "fake", which wraps LiteRT or
 stands in for it: a crash by SIGSEGV, a hang, a slow or failing invoke), and
 fixes the manifest's sha256. `edit` rewrites the manifest text.
+
+`real_dir(tmp, "face", ...)` does the same for a fetched real model (face, person:
+MediaPipe's LiteRT files in the fetch cache), its `sample:` goldens copied in as
+`samples/NAME` (what `fogwhisk model pack` puts in the artifact), so the directory can
+be packed or given to a trial as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.vision.models import ModelStore
+from agent.vision.models import ModelStore, cache_dir, samples_dir
 
 NAME = "shapes-ssd"
 
@@ -30,11 +35,34 @@ def model_dir(tmp: Path, label: str, *, knobs: dict[str, Any] | None = None,
     """A model directory for `pack` (or a trial): shapes-ssd with `knobs` and `edit`."""
     d = tmp / f"model-{label}"
     shutil.copytree(catalog_dir(), d)
+    return _change(d, "shapes-ssd.tflite", knobs=knobs, edit=edit, version=version)
+
+
+def real_dir(tmp: Path, name: str, label: str, *, knobs: dict[str, Any] | None = None,
+             edit: Callable[[str], str] | None = None, version: int = 1) -> Path:
+    """The catalog's `name` (a fetched model) as a model directory, changed as `model_dir`
+    changes shapes-ssd; `edit` sees the manifest with `samples/NAME` golden inputs."""
+    d = tmp / f"model-{label}"
+    shutil.copytree(ModelStore().manifest_dir(name), d)
+    text = (d / "manifest.toml").read_text()
+    file = re.search(r'(?m)^file = "(.+)"$', text)
+    cache = cache_dir()
+    assert file is not None and cache is not None
+    shutil.copy(cache / name / file.group(1), d / file.group(1))
+    (d / "samples").mkdir()
+    for sample in re.findall(r'"sample:([^"]+)"', text):
+        shutil.copy(samples_dir() / sample, d / "samples" / sample)
+    (d / "manifest.toml").write_text(re.sub(r'"sample:([^"]+)"', r'"samples/\1"', text))
+    return _change(d, file.group(1), knobs=knobs, edit=edit, version=version)
+
+
+def _change(d: Path, file: str, *, knobs: dict[str, Any] | None,
+            edit: Callable[[str], str] | None, version: int) -> Path:
     manifest = d / "manifest.toml"
     text = manifest.read_text()
     text = re.sub(r"(?m)^version = \d+$", f"version = {version}", text)
     if knobs is not None:
-        model = d / "shapes-ssd.tflite"
+        model = d / file
         data = model.read_bytes() + b"\nFOGWHISK-FAKE" + json.dumps(knobs).encode() + b"\n"
         model.write_bytes(data)
         text = re.sub(r"(?m)^sha256 = .*$", f'sha256 = "{hashlib.sha256(data).hexdigest()}"',

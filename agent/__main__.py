@@ -101,6 +101,24 @@ def _parser() -> argparse.ArgumentParser:
 
     ota_cli.add_parsers(msub)
 
+    prov = sub.add_parser(
+        "provision", help="one device: its certificate, the ACL check, a config bundle",
+        description="Issue DEVICE_ID's client certificate (CN = the id) from the CA in "
+        "--certs (scripts/make-certs), check that the broker ACL confines it, and write "
+        "a bundle to copy onto the device: ca.pem, the certificate and key, agent.toml.")
+    prov.add_argument("device", metavar="DEVICE_ID")
+    prov.add_argument("--certs", required=True, metavar="DIR",
+                      help="the directory scripts/make-certs made (ca.pem, ca.key)")
+    prov.add_argument("--gateway", default="gateway.local:8883", metavar="HOST:PORT",
+                      help="the gateway's device listener (default: gateway.local:8883)")
+    prov.add_argument("--out", metavar="DIR", help="the bundle (default: ./provision/ID)")
+    prov.add_argument("--acl", metavar="FILE",
+                      help="the gateway's ACL file (default: the shipped devices.acl)")
+    prov.add_argument("--local", default="mqtt://127.0.0.1:1883", metavar="URL",
+                      help="the device's sensor bus (default: mqtt://127.0.0.1:1883)")
+    prov.add_argument("--data-dir", default="/var/lib/fogwhisk", metavar="DIR",
+                      help="device.data_dir in agent.toml (default: /var/lib/fogwhisk)")
+
     demo = sub.add_parser("demo", help="a self-contained tour on this machine")
     demo.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
                       help="how long the sensors publish (default: 30)")
@@ -208,6 +226,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return fetch.main(args.names, models_dir, every=args.every,
                           wheel=Path(args.wheel) if args.wheel else None,
                           downloads=Path(args.downloads) if args.downloads else None)
+    if args.command == "provision":
+        from pathlib import Path
+
+        from agent.cli import provision
+
+        return provision.main(args.device, Path(args.certs), gateway=args.gateway,
+                              out=Path(args.out) if args.out else None,
+                              acl=Path(args.acl) if args.acl else None, local=args.local,
+                              data_dir=args.data_dir)
     if args.command == "demo":
         from agent.cli import demo
 

@@ -105,7 +105,7 @@ def build(cls: type[T], raw: object, where: str) -> T:
     except (ValueError, TypeError, KeyError, IndexError) as exc:  # a __post_init__ refused it
         # A refusal worded "key: why" names its key, like the errors above.
         key, sep, why = str(exc).partition(": ")
-        if sep and key in fields:
+        if sep and key.partition("[")[0] in fields:  # "url[1]: why" names an item
             raise ConfigError(f"{where}.{key}: {why}") from exc
         raise ConfigError(f"{where}: {exc}") from exc
 

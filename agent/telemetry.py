@@ -58,6 +58,9 @@ class Counters:
     def __init__(self) -> None:
         self.values: defaultdict[str, int] = defaultdict(int)
         self.hist: defaultdict[str, Histogram] = defaultdict(Histogram)
+        # Facts that are text, not numbers (a connection's endpoint and MQTT version):
+        # in the telemetry document beside the counters, not in Prometheus.
+        self.info: dict[str, str] = {}
 
     def inc(self, name: str, n: int = 1) -> None:
         self.values[name] += n
@@ -67,6 +70,7 @@ class Counters:
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.values)
+        out.update(self.info)
         if self.hist:
             out["latency_ms"] = {
                 k: {"p50": h.quantile(0.5), "p95": h.quantile(0.95), "n": h.count}

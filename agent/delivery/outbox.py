@@ -330,10 +330,10 @@ class Outbox:
         loop = asyncio.get_running_loop()
         interval = self.cfg.commit_interval_ms / 1000.0
         started = -math.inf
-        if self.intake is not None:
-            self._early = max(1, int(self.intake.inbound_window * EARLY_SHARE))
         try:
             while True:
+                if self.intake is not None:  # its MQTT version may change at a reconnect
+                    self._early = max(1, int(self.intake.inbound_window * EARLY_SHARE))
                 if self._split:
                     # Recovering from a full disk: look again every second even when idle,
                     # to give freed pages back and make the reserve again (`_low_disk`).

@@ -1,11 +1,13 @@
 """Broker connections on the asyncio loop: reconnect, birth and last will, manual acks.
 
-One `Connection` per broker, speaking MQTT 3.1.1 or 5 through
-`agent.mqtt.codec` on an asyncio transport (see the codec's docstring for
-why not paho on this path). What must survive a reconnect is held elsewhere:
-the broker's persistent session for input (fixed client id, no clean start,
-a session expiry), the outbox for output. So a connection keeps no state
-across attempts except its configuration.
+One `Connection` per broker (or cluster: its endpoints, and the MQTT version
+each speaks, are `agent.mqtt.endpoints`), speaking MQTT 3.1.1 or 5 through
+`agent.mqtt.codec` on an asyncio transport (`agent.mqtt.transport`; see the
+codec's docstring for why not paho on this path). What must survive a
+reconnect is held elsewhere: the broker's persistent session for input (fixed
+client id, no clean start, a session expiry), the outbox for output. So a
+connection keeps no state across attempts except its configuration, the
+endpoint it is at and the version each endpoint answered in.
 
 A broker that breaks the protocol (a malformed packet, a topic that is no
 valid name, a topic alias we never allowed, QoS 2 where we subscribed at
@@ -18,10 +20,8 @@ its reason, a repeated one once per burst.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import random
 import re
 import socket
 import ssl
@@ -33,8 +33,9 @@ from typing import Any
 from agent.config import BrokerConfig
 from agent.errors import ConnectError
 from agent.mqtt import codec, topics
+from agent.mqtt.endpoints import CLOSED_BEFORE_CONNACK, Endpoint, Endpoints, backoff_s
+from agent.mqtt.transport import PacketProtocol
 from agent.telemetry import Telemetry
-from agent.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ MESSAGES_MAX_PACKET_BYTES = 64 * 2**20
 KEEPALIVE_GRACE = 1.25  # keepalives without a complete packet before giving up
 TAKEOVER_STREAK = 3  # closes in a row right after connecting that mean a session takeover
 BURST_S = 10.0  # a repeated log line is said once per burst of this length
-DISCONNECT_LINGER_S = 1.0  # our DISCONNECT gets this long to leave before the socket goes
-READ_BYTES = 256 * 1024  # one recv_into at most; asyncio's own reads are as large
 CHECKED_TOPICS = 10_000  # inbound topic names known valid; cleared when full (stays bounded)
 
 
@@ -88,98 +87,6 @@ OnPublished = Callable[[int, str], None]  # (reason code, reason name)
 Handler = Callable[[Inbound], None]
 
 
-def backoff_s(attempt: int, min_s: float, max_s: float) -> float:
-    """Full-jitter exponential backoff (AWS architecture blog), never below `min_s`."""
-    cap = min(max_s, min_s * (2 ** min(attempt, 30)))
-    return random.uniform(min_s, max(min_s, cap))
-
-
-class _Protocol(asyncio.BufferedProtocol):
-    """Bytes in and out for one connection attempt; everything else lives in Connection.
-
-    Buffered: the kernel writes into one buffer of ours (`recv_into`); a plain
-    Protocol's 256 KiB `recv` costs an mmap, an mremap and a munmap per read.
-    """
-
-    def __init__(self, conn: Connection, max_packet: int) -> None:
-        self.conn = conn
-        self.reader = codec.Reader(max_packet)
-        self.inbuf = memoryview(bytearray(READ_BYTES))
-        self.transport: asyncio.Transport | None = None
-        self.out: list[bytes] = []
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.closed_by_broker = False  # the broker closed the socket without a DISCONNECT
-        self.broker_reason: int | None = None  # the reason of the broker's DISCONNECT
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # small QoS1 packets must not wait for the peer's delayed ACK
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.inbuf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # The reader copies what it keeps: the buffer is reused by the next read.
-        self.data_received(self.inbuf[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        conn = self.conn
-        try:
-            packets = self.reader.feed(data)
-        except codec.MalformedPacket as exc:
-            conn.violation(self, exc)
-            return
-        if not packets:
-            return
-        conn.last_in = time.monotonic()  # keepalive counts complete packets only
-        for kind, flags, body in packets:
-            if self.lost.done():
-                return  # given up on after an earlier packet of this read
-            try:
-                msg = conn.handle(self, kind, flags, body)
-            except codec.MalformedPacket as exc:
-                conn.violation(self, exc)
-                return
-            if msg is not None:  # outside the try: the consumer's errors are its own
-                conn.deliver(msg)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.closed_by_broker = exc is None
-            self.lost.set_result("the broker closed the connection" if exc is None
-                                 else f"connection lost: {exc}")
-
-    def send(self, packet: bytes) -> None:
-        """Queue a packet; everything queued in one loop iteration leaves in one write."""
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(packet)
-
-    def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.out))
-        self.out.clear()
-
-    def fail(self, reason: str, disconnect: int | None = None) -> None:
-        """Give up on this connection; with `disconnect`, say so in an MQTT 5 DISCONNECT."""
-        if not self.lost.done():
-            self.lost.set_result(reason)
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        if disconnect is None:
-            t.abort()
-            return
-        self.flush()
-        t.write(codec.disconnect(v5=True, reason=disconnect))
-        t.close()  # after the write; a peer that reads nothing gets aborted
-        asyncio.get_running_loop().call_later(DISCONNECT_LINGER_S, t.abort)
-
-
 class Connection:
     """One broker: connects, keeps connecting, and tells its owner what happens.
 
@@ -198,7 +105,7 @@ class Connection:
                  max_packet_bytes: int | None = None) -> None:
         self.name = name
         self.cfg = cfg
-        self.where = redact_url(cfg.url)  # the URL for messages: never the password
+        self.endpoints = Endpoints(name, cfg)
         self.client_id = client_id
         self.will = will
         self.birth = birth
@@ -210,14 +117,14 @@ class Connection:
         self.clean_start = clean_start
         self.max_packet = max_packet_bytes or (
             MESSAGES_MAX_PACKET_BYTES if on_message is not None else ACKS_MAX_PACKET_BYTES)
-        self.v5 = cfg.protocol == "5"
+        self.v5 = self.endpoints.v5()  # the version of the current (or next) attempt
         self.counters = telemetry.component(f"mqtt_{name}")
         self.connected = asyncio.Event()
         self.generation = 0  # bumps per attempt; acks meant for an old one are not sent
         self.server_receive_maximum = DEFAULT_RECEIVE_MAXIMUM
         self.server_max_packet = 0  # 0: the broker announced no limit
         self.last_in = 0.0
-        self._proto: _Protocol | None = None
+        self._proto: PacketProtocol | None = None
         self._pending: dict[int, OnPublished] = {}
         self._next_id = 0
         self._connack: asyncio.Future[tuple[bool, int, dict[int, Any]]] | None = None
@@ -227,6 +134,7 @@ class Connection:
         self._routes: dict[str, tuple[int, Handler]] = {}
         self._acks: dict[int, asyncio.Future[list[int]]] = {}  # (UN)SUBACKs awaited, by id
         self._last_refusal = ""
+        self._refused_v5 = ""  # how the endpoint refused this attempt's MQTT 5 CONNECT
         self._stopping = False
         self._ssl: ssl.SSLContext | None = None
         self._bursts: dict[str, tuple[float, int]] = {}
@@ -243,6 +151,7 @@ class Connection:
         while not self._stopping:
             started = time.monotonic()
             tries += 1
+            self._refused_v5 = ""
             try:
                 await self._connect_once()
                 connected_at = time.monotonic()
@@ -254,6 +163,8 @@ class Connection:
                 down_since, tries = time.monotonic(), 0
             except ConnectError as exc:
                 why = str(exc)
+                if self._refused_v5 and self.endpoints.fall_back(self._refused_v5):
+                    continue  # at once, in MQTT 3.1.1 (after the teardown below)
                 if why != self._last_refusal:  # once per distinct reason, not per retry
                     log.error("%s: %s", self.name, why)
                     self._last_refusal = why
@@ -262,6 +173,7 @@ class Connection:
                 self._teardown()
             if self._stopping:
                 return
+            self._fail_over(why)
             if time.monotonic() - started > STABLE_AFTER_S:
                 attempt = 0
             delay = backoff_s(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
@@ -273,8 +185,28 @@ class Connection:
             await asyncio.sleep(delay)
             attempt += 1
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if not self.cfg.tls:
+    def _fail_over(self, why: str) -> None:
+        """After a failed attempt or a lost connection: on to the next endpoint, if any."""
+        old = self.endpoints.current
+        new = self.endpoints.advance()
+        if new is None:
+            return
+        self.counters.inc("failovers")
+        self._say(logging.INFO, f"failover:{old.where}>{new.where}",
+                  "%s: failing over from %s to %s (%s)", self.name, old.where, new.where, why)
+
+    @property
+    def where(self) -> str:
+        """The endpoint in use (or tried next), for messages: never the password."""
+        return self.endpoints.current.where
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version of the connection in use (or of the next attempt)."""
+        return "5" if self.v5 else "3.1.1"
+
+    def _tls(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if not endpoint.tls:
             return None
         if self._ssl is None:
             ctx = ssl.create_default_context(cafile=self.cfg.ca)
@@ -288,16 +220,19 @@ class Connection:
         self.generation += 1
         self._pending.clear()
         timeout = float(self.cfg.connect_timeout_s)
+        ep = self.endpoints.current
+        self.v5 = self.endpoints.v5()
         try:
-            ctx = self._tls()
+            ctx = self._tls(ep)
             _, proto = await asyncio.wait_for(loop.create_connection(
-                lambda: _Protocol(self, self.max_packet), self.cfg.host, self.cfg.port,
-                ssl=ctx, server_hostname=self.cfg.host if ctx else None), timeout)
+                lambda: PacketProtocol(self, self.max_packet), ep.host, ep.port,
+                ssl=ctx, server_hostname=ep.host if ctx else None), timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            raise ConnectError(f"cannot reach {self.where}: {exc or 'timed out'}") from exc
+            self.endpoints.unanswered()
+            raise ConnectError(f"cannot reach {ep.where}: {exc or 'timed out'}") from exc
         self._proto = proto
         self._connack = loop.create_future()
-        user, password = self.cfg.credentials
+        user, password = self.cfg.credentials_for(ep.url)
         props: dict[int, Any] | None = None
         if self.v5:
             props = {codec.SESSION_EXPIRY: int(self.cfg.session_expiry_s),
@@ -317,11 +252,19 @@ class Connection:
             if not self._connack.done():
                 self._connack.cancel()
         if self._connack not in done or self._connack.cancelled():
+            self.endpoints.unanswered()
             why = proto.lost.result() if proto.lost.done() else f"no CONNACK within {timeout:g} s"
-            raise ConnectError(f"{self.where}: {why}")
+            if self.v5 and proto.hung_up:  # how RabbitMQ 3.x refuses MQTT 5
+                self._refused_v5 = CLOSED_BEFORE_CONNACK
+                if self.cfg.protocol == "5":
+                    why += self.endpoints.closed_hint()
+            raise ConnectError(f"{ep.where}: {why}")
         session_present, reason, server = self._connack.result()
+        self.endpoints.answered(self.v5, reason)
         if reason >= 0x80:
-            raise ConnectError(self._refusal(reason))
+            if self.v5 and reason == codec.UNSUPPORTED_PROTOCOL_VERSION:  # NATS 2.9's way
+                self._refused_v5 = f"CONNACK {codec.reason_name(reason)} (0x{reason:02X})"
+            raise ConnectError(self.endpoints.refusal(reason, self.v5))
         # MQTT 5 reads an absent Receive Maximum as 65,535; we start at 20 in flight
         # unless the broker names its number (Mosquitto does), as for MQTT 3.1.1.
         self.server_receive_maximum = server.get(codec.RECEIVE_MAXIMUM,
@@ -333,16 +276,17 @@ class Connection:
             b = self.birth()
             self.publish_raw(b.topic, b.payload, b.qos, b.retain)
         self.counters.inc("connects")
-        log.info("%s: connected to %s as %s%s (receive maximum %d)", self.name, self.where,
-                 self.client_id, " (session resumed)" if session_present else "",
-                 self.server_receive_maximum)
+        self.counters.info.update(endpoint=ep.where, protocol=self.protocol)
+        log.info("%s: connected to %s with MQTT %s as %s%s (receive maximum %d)", self.name,
+                 ep.where, self.protocol, self.client_id,
+                 " (session resumed)" if session_present else "", self.server_receive_maximum)
         self.connected.set()
         if self.on_connected is not None:
             result = self.on_connected()
             if result is not None:
                 await result
 
-    async def _subscribe(self, proto: _Protocol) -> None:
+    async def _subscribe(self, proto: PacketProtocol) -> None:
         self._suback = asyncio.get_running_loop().create_future()
         subscriptions = self.subscriptions + tuple((f, q) for f, (q, _) in self._routes.items())
         proto.send(codec.subscribe(self._packet_id(), subscriptions, v5=self.v5))
@@ -358,15 +302,6 @@ class Connection:
             if code >= 0x80:  # a refused subscription is a config problem; say which
                 log.error("%s: %s refused the subscription to %r: %s", self.name,
                           self.where, topic_filter, codec.reason_name(code))
-
-    def _refusal(self, reason: int) -> str:
-        text = (f"{self.where} refused the connection: {codec.reason_name(reason)} "
-                f"(0x{reason:02X})")
-        if reason == codec.UNSUPPORTED_PROTOCOL_VERSION and self.v5:
-            # Where an automatic fall back to 3.1.1 would go (a later issue): set
-            # self.v5 = False and retry at once instead of telling the operator.
-            text += f'; broker refused MQTT 5; set protocol = "3.1.1" in [{self.name}]'
-        return text
 
     async def _serve(self, connected_at: float) -> str:
         """Keep the connection alive until it closes; log and return why it closed."""
@@ -393,7 +328,7 @@ class Connection:
             self._note_takeover(proto, time.monotonic() - connected_at)
         return why
 
-    def _note_takeover(self, proto: _Protocol, lasted_s: float) -> None:
+    def _note_takeover(self, proto: PacketProtocol, lasted_s: float) -> None:
         """Name a session takeover: the broker says so (0x8E), or closes us again and again
         right after connecting (Mosquitto says nothing, even to MQTT 5 clients)."""
         if proto.broker_reason == codec.SESSION_TAKEN_OVER:
@@ -446,7 +381,7 @@ class Connection:
 
     # -- packets from the broker ---------------------------------------------------
 
-    def handle(self, proto: _Protocol, kind: int, flags: int, body: bytes) -> Inbound | None:
+    def handle(self, proto: PacketProtocol, kind: int, flags: int, body: bytes) -> Inbound | None:
         """Act on one packet; a PUBLISH for the message handler is returned, not delivered.
 
         Raises MalformedPacket (or ProtocolError) when the broker broke the protocol.
@@ -511,7 +446,7 @@ class Connection:
             raise codec.ProtocolError(0x82, f"packet type {kind} is not for a client")
         return None
 
-    def _published(self, proto: _Protocol, cb: OnPublished, reason: int) -> None:
+    def _published(self, proto: PacketProtocol, cb: OnPublished, reason: int) -> None:
         try:
             cb(reason, codec.reason_name(reason))
         except Exception:
@@ -593,7 +528,7 @@ class Connection:
             self._acks.pop(packet_id, None)
         return waiter.result() if waiter.done() else []
 
-    def violation(self, proto: _Protocol, exc: codec.MalformedPacket) -> None:
+    def violation(self, proto: PacketProtocol, exc: codec.MalformedPacket) -> None:
         """The broker broke the protocol: count it, disconnect with the reason, start over."""
         code = exc.reason
         malformed = type(exc) is codec.MalformedPacket
@@ -603,7 +538,7 @@ class Connection:
         proto.fail(f"{'malformed packet' if malformed else 'protocol error'} from the "
                    f"broker: {exc}; {how}", code if self.v5 else None)
 
-    def _acker(self, proto: _Protocol, packet_id: int) -> Callable[[], None]:
+    def _acker(self, proto: PacketProtocol, packet_id: int) -> Callable[[], None]:
         def ack() -> None:
             # Only on the connection that delivered it: after a reconnect the broker
             # redelivers unacknowledged messages itself.

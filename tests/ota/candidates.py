@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+
 from agent.vision.models import ModelStore, cache_dir, samples_dir
 
 NAME = "shapes-ssd"
@@ -71,4 +74,38 @@ def _change(d: Path, file: str, *, knobs: dict[str, Any] | None,
     if edit is not None:
         text = edit(text)
     manifest.write_text(text)
+    return d
+
+
+def faces_dir(tmp: Path, label: str, extra: str = "", *, version: int = 1) -> Path:
+    """The real face model (MediaPipe BlazeFace short range, LiteRT) with its goldens
+    (astronaut.png: one face; coffee.png: none) and more labelled real photos, a small
+    labelled test set: the cameraman's face in camera.png, and astronaut.png shrunk to
+    half size in the corner of a black frame, a face at about twice the distance, which
+    this short-range model does not find. `extra`: more manifest text."""
+    def add(text: str) -> str:
+        return text + f"""
+[[golden]]
+input = "samples/camera.png"
+
+[[golden.detections]]
+label = "face"
+score = 0.8
+box = [0.34, 0.232, 0.516, 0.409]
+
+[[golden]]
+input = "golden/far.png"
+
+[[golden.detections]]
+label = "face"
+score = 0.9
+box = [0.174, 0.0785, 0.265, 0.170]
+{extra}"""
+    d = real_dir(tmp, "face", label, edit=add, version=version)
+    shutil.copy(samples_dir() / "camera.png", d / "samples" / "camera.png")
+    image = cv2.imread(str(samples_dir() / "astronaut.png"))
+    far = np.zeros_like(image)
+    far[:256, :256] = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+    (d / "golden").mkdir()
+    cv2.imwrite(str(d / "golden" / "far.png"), far)
     return d

@@ -55,8 +55,8 @@ num_threads = 1
 
 def start_device(tmp_path: Path, broker: Broker, pub: Path, *, device: str = DEVICE,
                  probation: str = "2s", trial_timeout: str = "30s", ca: str | None = None,
-                 env: dict[str, str] | None = None) -> AgentProcess:
-    cfg = write_config(tmp_path / "agent.toml", broker, broker, PIPELINE, device=device,
+                 env: dict[str, str] | None = None, pipeline: str = PIPELINE) -> AgentProcess:
+    cfg = write_config(tmp_path / "agent.toml", broker, broker, pipeline, device=device,
                        extra=ota_table(pub, probation, trial_timeout, ca))
     agent = AgentProcess(cfg, env=env)
     agent.wait_ready()
@@ -97,14 +97,17 @@ def jpeg(seed: int) -> bytes:
 
 
 class Frames:
-    """Publishes JPEG frames at `fps` (QoS 1, each acknowledged by the broker) until stopped."""
+    """Publishes JPEG frames at `fps` (QoS 1, each acknowledged by the broker) until stopped:
+    `images` in turn (default: eight discs on black, for shapes-ssd)."""
 
-    def __init__(self, url: str, fps: float = 10.0) -> None:
+    def __init__(self, url: str, fps: float = 10.0, images: list[bytes] | None = None,
+                 topic: str = FRAMES_TOPIC) -> None:
         self.url = url
+        self.topic = topic
         self.period = 1.0 / fps
         self.sent = 0
         self._stop = threading.Event()
-        self._frames = [jpeg(i) for i in range(8)]
+        self._frames = images if images is not None else [jpeg(i) for i in range(8)]
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
 
@@ -114,7 +117,8 @@ class Frames:
             connect(client, self.url)
             nxt = time.monotonic()
             while not self._stop.is_set():
-                info = client.publish(FRAMES_TOPIC, self._frames[self.sent % 8], qos=1)
+                info = client.publish(self.topic, self._frames[self.sent % len(self._frames)],
+                                      qos=1)
                 info.wait_for_publish(10)
                 if not info.is_published():
                     raise AssertionError("frame not acknowledged by the broker")

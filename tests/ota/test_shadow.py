@@ -4,7 +4,6 @@ output sanity flags, latency ratio, the signed gates and `not enough frames`."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -259,95 +258,27 @@ def test_the_device_runs_the_candidate_on_every_kth_frame_within_its_share() -> 
     assert len(run.snapshot()) == 50
 
 
-# -- end to end: a real agent, real Mosquitto, live frames ----------------------------
+# -- end to end: a real agent, real Mosquitto, live frames (shapes-ssd on drawn discs:
+# what these prove does not depend on what the model sees; test_shadow_media.py judges
+# candidates by what they see, on real media with a real model) -----------------------
 
 
-def blind(text: str) -> str:
-    """shapes-ssd behind a decoder threshold no frame reaches (its golden detections cut,
-    so it passes the trial on its raw outputs): a model that loads, runs and sees nothing."""
-    text = re.sub(r"(?m)^min_score = .*$", "min_score = 0.999", text)
-    return text[:text.index("[[golden.detections]]")]
-
-
-def test_shadow_on_live_frames_promotes_a_good_candidate_and_rejects_a_blind_one(
+def test_a_shadow_evaluation_without_frames_ends_at_its_deadline_as_not_enough_frames(
         tmp_path: Path, broker: Any, ota_keys: Any) -> None:
-    """With policy.shadow set, a candidate that passed its trial runs beside the active
-    model on the live frames before the swap. Version 2, the same model re-packed, agrees
-    fully (F1 1.0 over 20 frames): shadow, then probation and committed, its summary in
-    `update.shadow`. Version 3 sees nothing: rejected in shadow with the agreement figure
-    and F1 0.0 in `update.shadow`, version 2 stays active. Every frame gives exactly one
-    event, from the active model only (never version 3)."""
-    from candidates import catalog_dir, model_dir  # type: ignore[import-not-found]
-    from device import NAME, Frames, Watch, pack, push, start_device  # type: ignore[import-not-found]
-    gate = {"frames": 20, "max_duration": 120}
-    agent = start_device(tmp_path, broker, ota_keys.pub_path)
-    try:
-        with Watch(broker.url) as watch, Frames(broker.url) as frames:
-            watch.wait_events(5)
-            good = pack(catalog_dir(), 2, tmp_path / "good", ota_keys.private,
-                        policy=Policy(probation_s=1.0, shadow=gate))[1]
-            push(good, broker)
-            done = watch.state(2, "committed", agent, timeout=90)
-            bad = pack(model_dir(tmp_path, "blind", edit=blind), 3, tmp_path / "bad",
-                       ota_keys.private, policy=Policy(probation_s=1.0, shadow=gate))[1]
-            push(bad, broker)
-            refused = watch.state(3, "rejected", agent, timeout=90)
-            sent = frames.stop()
-            events = watch.wait_events(sent)
-            states = watch.states()
-    finally:
-        agent.stop()
-    order = [(d["update"]["version"], d["update"]["state"]) for d in states if d["update"]]
-    assert order.index((2, "trial")) < order.index((2, "shadow")) \
-        < order.index((2, "probation")) < order.index((2, "committed")), order
-    assert (3, "probation") not in order and (3, "shadow") in order
-    summary = done["update"]["shadow"]
-    assert summary["frames"] == 20 and summary["f1"] == 1.0 and summary["flags"] == []
-    assert summary["rate_ratio"] == 1.0
-    assert done["active"]["version"] == 2 and done["previous"] == {"version": 1}
-    reason = refused["update"]["reason"]
-    assert reason.startswith("shadow: agreement F1 0.00 is below 0.5 (F1 0.00, rate ratio "
-                             "0.00"), reason
-    assert refused["update"]["shadow"]["f1"] == 0.0
-    assert refused["update"]["shadow"]["frames"] == 20
-    assert refused["active"]["version"] == 2
-    assert len(events) == sent
-    assert [e["seq"] for e in events] == list(range(1, sent + 1))
-    versions = [e["model"]["version"] for e in events]
-    assert versions == sorted(versions) and set(versions) <= {1, 2}, set(versions)
-    assert all(e["model"]["name"] == NAME for e in events)
-    errors = [ln for ln in agent.log().splitlines() if " ERROR " in ln or "Traceback" in ln]
-    assert errors == [], errors
-
-
-def test_shadow_rejects_a_3x_slower_candidate_on_latency_and_too_few_frames_at_its_deadline(
-        tmp_path: Path, broker: Any, ota_keys: Any) -> None:
-    """A candidate whose every inference takes 20 ms longer (the trial's own latency gate
-    loosened by its policy) passes the trial but fails shadow's latency gate with the
-    figure. Then, with no frame arriving, a good candidate's shadow evaluation ends at its
-    `max_duration` as `not enough frames`, which does not block its version."""
-    from candidates import catalog_dir, model_dir  # type: ignore[import-not-found]
-    from device import Frames, Watch, pack, push, start_device  # type: ignore[import-not-found]
+    """No frame arrives: the candidate's shadow evaluation ends at its `max_duration` as
+    `not enough frames`, version 1 stays active. (Candidates judged on what they see,
+    on real media and the real face model: test_shadow_media.py.)"""
+    from candidates import catalog_dir  # type: ignore[import-not-found]
+    from device import Watch, pack, push, start_device  # type: ignore[import-not-found]
     agent = start_device(tmp_path, broker, ota_keys.pub_path)
     try:
         with Watch(broker.url) as watch:
-            with Frames(broker.url):
-                watch.wait_events(5)
-                slow = model_dir(tmp_path, "slow", knobs={"wrap": "litert", "delay_ms": 20})
-                push(pack(slow, 2, tmp_path / "slow", ota_keys.private, policy=Policy(
-                    max_latency_ratio=50.0,
-                    shadow={"frames": 8, "max_share": 1.0, "max_duration": 120}))[1], broker)
-                slowed = watch.state(2, "rejected", agent, timeout=90)
-            quiet = pack(catalog_dir(), 3, tmp_path / "quiet", ota_keys.private,
+            quiet = pack(catalog_dir(), 2, tmp_path / "quiet", ota_keys.private,
                          policy=Policy(shadow={"frames": 20, "max_duration": 2}))[1]
             push(quiet, broker)
-            short = watch.state(3, "rejected", agent, timeout=90)
+            short = watch.state(2, "rejected", agent, timeout=90)
     finally:
         agent.stop()
-    reason = slowed["update"]["reason"]
-    assert reason.startswith("shadow: latency p95 ratio "), reason
-    assert slowed["update"]["shadow"]["frames"] == 8
-    assert slowed["update"]["shadow"]["latency_ratio"] > 2.0
     assert short["update"]["reason"] == ("not enough frames: 0 evaluated in shadow, at least "
                                          "20 needed")
     assert short["update"]["shadow"]["frames"] == 0

@@ -302,6 +302,9 @@ class Agent:
         runtime = self.telemetry.components.get("runtime")
         if runtime is not None and runtime.values.get("degraded"):
             doc["reason"] = "model runtime on a fallback"
+        uplink = getattr(self, "uplink", None)  # None while the will is made
+        if uplink is not None:  # the endpoint in use (a cluster has several)
+            doc["endpoint"], doc["protocol"] = uplink.where, uplink.protocol
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def _current_state(self) -> str:

@@ -141,7 +141,11 @@ def render(device: str, status: dict[str, Any] | None,
         if isinstance(conn, dict):
             brief = ", ".join(f"{k} {v}" for k, v in sorted(conn.items())
                               if isinstance(v, int | float))
-            lines.append(f"{name[5:]:<8} {brief}")
+            # The endpoint in use (one of several, for a cluster) and the MQTT version
+            # it answered in ("auto" falls back to 3.1.1 for a broker that refuses 5).
+            at = f"{conn['endpoint']} (MQTT {conn.get('protocol', '?')}): " \
+                if isinstance(conn.get("endpoint"), str) else ""
+            lines.append(f"{name[5:]:<8} {at}{brief}")
     return "\n".join(lines)
 
 

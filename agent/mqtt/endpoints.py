@@ -124,12 +124,14 @@ class Endpoints:
         text = (f"{where} refused the connection: {codec.reason_name(reason)} "
                 f"(0x{reason:02X})")
         if reason == codec.UNSUPPORTED_PROTOCOL_VERSION and v5:
-            text += ("; the broker speaks only MQTT 3.1.1 (broker refused MQTT 5; set "
-                     f'protocol = "3.1.1", or "auto" to fall back by itself, in [{self.name}])')
+            # The parenthesis is what this said before "auto" existed; logs are grepped.
+            text += (f'; the broker speaks only MQTT 3.1.1: protocol = "auto" in [{self.name}] '
+                     'falls back to it by itself (broker refused MQTT 5; set protocol = '
+                     '"3.1.1" to speak only that)')
         return text
 
     def closed_hint(self) -> str:
         """What to say when a broker closed an MQTT 5 CONNECT unanswered (protocol "5")."""
-        return (f"; {CLOSED_BEFORE_CONNACK} of MQTT 5, as a broker that speaks only "
+        return (" before any CONNACK to our MQTT 5 CONNECT, as a broker that speaks only "
                 f'MQTT 3.1.1 does (RabbitMQ 3.x): protocol = "auto" in [{self.name}] falls '
                 "back to 3.1.1")

@@ -1,13 +1,15 @@
-"""`fogwhisk model rollout` against real agents: six agent processes on one Mosquitto,
+"""`fogwhisk model rollout` against real agents: eight agent processes on one Mosquitto,
 each running a detect pipeline on shapes-ssd (the catalog's own small model) with OTA on.
 
-The six agents are started once for the module (starting them is most of the cost);
+The eight agents are started once for the module (starting them is most of the cost);
 each test rolls out a higher version than any before it, so the order of the tests
 does not matter. The many-device logic is tested with simulated devices in
-test_rollout.py; here: the canaries stop a bad release before wave 2, a good one
-reaches all six while their event streams stay intact, and --resume after kill -9
-pushes nobody twice. Last, the device side of a stopped rollout: an empty deploy
-makes an agent drop the update in hand.
+test_rollout.py; here, with 2 canaries: the canaries stop a release failing its trial
+before wave 2, a good one reaches all eight, --resume after kill -9 pushes nobody twice,
+and a release whose canaries passed their own shadow gate but agree poorly with the
+active model is stopped by --min-agreement; throughout, every agent's event stream
+arrives whole at the broker. Last, the device side of a stopped rollout: an empty
+deploy makes an agent drop the update in hand.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from ota_util import Keys  # type: ignore[import-not-found]
 from agent.ota.release import Policy
 from agent.ota.rollout import Options, rollout
 
-DEVICES = [f"fleet-{i}" for i in range(1, 7)]  # fleet-1 and fleet-2 are the canaries
-# Up to four trials run at once beside six agents on two cores: a sub-millisecond model's
+DEVICES = [f"fleet-{i}" for i in range(1, 9)]  # fleet-1 and fleet-2 are the canaries
+# Up to four trials run at once beside eight agents on two cores: a sub-millisecond model's
 # p95 then jumps past 2 x its baseline now and then ("too slow"). Latency is not what
 # these tests are about; the trial's latency gate has its own tests.
 LENIENT = {"max_latency_ratio": 1000.0}
@@ -58,7 +60,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, ota_keys: Keys) -> Iterator[
     broker = Broker("fleet", tmp / "broker").start()
     agents: dict[str, AgentProcess] = {}
     try:
-        for d in DEVICES:  # all six start at once, then each is waited for
+        for d in DEVICES:  # all eight start at once, then each is waited for
             (tmp / d).mkdir()
             cfg = write_config(tmp / d / "agent.toml", broker, broker, PIPELINE, device=d,
                                extra=ota_table(ota_keys.pub_path, probation="1s"))
@@ -100,6 +102,22 @@ def states(f: Fleet) -> dict[str, dict[str, Any]]:
                 for m in c.snapshot(f"fog/+/models/{NAME}/state")}
 
 
+def intact(c: Collector, sent: int, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+    """Each agent's events as the broker passed them on, once every agent's count reached
+    the `sent` frames; each agent made exactly one event per frame, in seq order."""
+    deadline = time.monotonic() + timeout
+    while any(len(c.snapshot(f"fog/{d}/events/#")) < sent for d in DEVICES):
+        assert time.monotonic() < deadline, {
+            d: len(c.snapshot(f"fog/{d}/events/#")) for d in DEVICES}
+        time.sleep(0.1)
+    events = {d: [json.loads(m.payload) for m in c.snapshot(f"fog/{d}/events/#")]
+              for d in DEVICES}
+    for d, evs in events.items():
+        seqs = [e["seq"] for e in evs]
+        assert seqs == list(range(seqs[0], seqs[0] + sent)), (d, len(evs), sent)
+    return events
+
+
 def test_a_release_failing_its_trial_on_the_canaries_stops_before_wave_2(
         fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
     """A release whose model crashes the trial (SIGSEGV): the canaries reject it, the
@@ -127,8 +145,8 @@ def test_a_release_failing_its_trial_on_the_canaries_stops_before_wave_2(
 
 def test_a_good_release_reaches_every_agent_and_every_event_arrives(
         fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
-    """Waves of 2 and 4: all six commit version 3 while frames flow; every frame gives
-    one event on each agent, in order, the version they name never going back."""
+    """Waves of 2, 4 and 2: all eight commit version 3 while frames flow; every frame
+    gives one event on each agent, in order, the version they name never going back."""
     _, release = pack(catalog_dir(), 3, tmp_path / "out", ota_keys.private,
                       policy=Policy(probation_s=1.0, **LENIENT))
     with Collector(fleet.broker.url, ["fog/+/events/#", "fog/+/models/+/deploy"]) as c, \
@@ -136,19 +154,12 @@ def test_a_good_release_reaches_every_agent_and_every_event_arrives(
         code, summary, err = run(release, fleet)
         time.sleep(1.0)  # a few frames on the new version
         sent = frames.stop()
-        deadline = time.monotonic() + 30
-        while any(len(c.snapshot(f"fog/{d}/events/#")) < sent for d in DEVICES):
-            assert time.monotonic() < deadline, "events missing"
-            time.sleep(0.1)
-        events = {d: [json.loads(m.payload) for m in c.snapshot(f"fog/{d}/events/#")]
-                  for d in DEVICES}
+        events = intact(c, sent)
     assert code == 0, (summary["failures"], summary["reason"], err, fleet.logs())
-    assert summary["status"] == "succeeded" and summary["waves"] == [2, 4]
-    assert summary["counts"] == {"committed": 6}
+    assert summary["status"] == "succeeded" and summary["waves"] == [2, 4, 2]
+    assert summary["counts"] == {"committed": 8}
     assert deployed(c, 3) == {d: 1 for d in DEVICES}
     for d, evs in events.items():
-        assert len(evs) == sent, (d, len(evs), sent)
-        assert [e["seq"] for e in evs] == sorted(e["seq"] for e in evs), d
         versions = [e["model"]["version"] for e in evs]
         assert versions == sorted(versions) and versions[-1] == 3, (d, versions)
     assert all(s["active"]["version"] == 3 for s in states(fleet).values())
@@ -157,14 +168,16 @@ def test_a_good_release_reaches_every_agent_and_every_event_arrives(
 def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
         fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
     """The rollout process is killed (-9) while wave 2 is in probation; --resume finishes
-    it: all six agents commit version 4, each got the release exactly once."""
+    it: all eight agents commit version 4, each got the release exactly once, and every
+    frame sent meanwhile gave one event on each agent."""
     _, release = pack(catalog_dir(), 4, tmp_path / "out", ota_keys.private,
                       policy=Policy(probation_s=3.0, **LENIENT))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "agent", "model", "rollout", str(release), "--broker",
             fleet.broker.url, "--json"]
     record = f"fog/_rollouts/{NAME}-4"
-    with Collector(fleet.broker.url, ["fog/+/models/+/deploy", record]) as c:
+    with Collector(fleet.broker.url, ["fog/+/models/+/deploy", record, "fog/+/events/#"]) as c, \
+            Frames(fleet.broker.url, fps=4) as frames:
         first = subprocess.Popen([*base, *(a for d in DEVICES for a in ("--device", d))],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -182,8 +195,54 @@ def test_resume_after_kill_9_mid_wave_finishes_without_pushing_twice(
         assert again.returncode == 0, (again.stdout[-3000:], fleet.logs())
         summary = json.loads(again.stdout)
         assert deployed(c, 4) == {d: 1 for d in DEVICES}
-    assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 6}
+        sent = frames.stop()
+        events = intact(c, sent)
+    assert summary["status"] == "succeeded" and summary["counts"] == {"committed": 8}
     assert all(s["active"]["version"] == 4 for s in states(fleet).values())
+    assert all(evs[-1]["model"]["version"] == 4 for evs in events.values())
+
+
+def blind(text: str) -> str:
+    """shapes-ssd behind a decoder threshold no frame reaches (its golden detections cut,
+    so it passes the trial on its raw outputs): a model that loads, runs and sees nothing."""
+    text = re.sub(r"(?m)^min_score = .*$", "min_score = 0.999", text)
+    return text[:text.index("[[golden.detections]]")]
+
+
+def test_canaries_agreeing_poorly_in_shadow_stop_the_rollout_by_the_ml_metric(
+        fleet: Fleet, ota_keys: Keys, tmp_path: Path) -> None:
+    """A release whose model sees nothing, with a device-side shadow gate that lets it
+    through (policy.shadow.min_agreement 0, rate ratio from 0): both canaries evaluate it
+    on the live frames, pass their own gate and commit it, reporting agreement F1 0.0.
+    The rollout, --min-agreement 0.6, stops after the canaries' wave on that median:
+    exit 1 with the figure, the six others never get a deploy, and every agent's event
+    stream stays whole."""
+    _, release = pack(model_dir(tmp_path, "blind", edit=blind), 5, tmp_path / "out",
+                      ota_keys.private, policy=Policy(probation_s=1.0, **LENIENT, shadow={
+                          "frames": 10, "max_share": 1.0, "max_duration": 120,
+                          "min_agreement": 0.0, "rate_ratio": [0.0, 3.0]}))
+    before = states(fleet)
+    with Collector(fleet.broker.url, ["fog/+/events/#", "fog/+/models/+/deploy"]) as c, \
+            Frames(fleet.broker.url, fps=5) as frames:
+        code, summary, err = run(release, fleet, min_agreement=0.6)
+        sent = frames.stop()
+        intact(c, sent)
+    assert code == 1, (summary, err, fleet.logs())
+    assert summary["status"] == "aborted" and summary["wave"] == 1, summary
+    assert summary["reason"] == ("the canaries' shadow agreement median 0.00 over 2 of 2 "
+                                 "canaries (--min-agreement 0.6)"), summary["reason"]
+    assert summary["agreement"] == {"median": 0.0, "reported": 2, "canaries": 2,
+                                    "gate": 0.6, "skipped": False}
+    assert summary["counts"]["committed"] == 2 and summary["failures"] == [], summary
+    assert "aborted" in err and "median 0.00" in err
+    assert set(deployed(c, 5)) == {"fleet-1", "fleet-2"}
+    after = states(fleet)
+    for d in DEVICES[:2]:
+        shadow = after[d]["update"]["shadow"]
+        assert after[d]["active"]["version"] == 5 and shadow["f1"] == 0.0, after[d]
+        assert shadow["frames"] == 10 and shadow["active_per_frame"] > 0, shadow
+    for d in DEVICES[2:]:
+        assert after[d] == before[d], d
 
 
 def test_an_empty_deploy_drops_the_update_in_hand_and_the_active_model_keeps_running(

@@ -25,10 +25,11 @@ from typing import Any, Literal
 import pytest
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
 from brokers import Broker, BrokerFactory, find_free_port
-from helpers import Collector, connect, make_client
+from helpers import Collector, connect, make_client, publish_many
 from v311_front import V311Front
 
 from agent import config
+from agent.cli import status as status_cli
 from agent.config import BrokerConfig
 from agent.errors import ConfigError
 from agent.mqtt.connection import Connection
@@ -417,3 +418,27 @@ def test_failover_from_a_killed_node_loses_no_reading_and_reports_the_new_endpoi
     assert doc["mqtt_uplink"]["failovers"] >= 1
     assert any(s.get("state") == "online" and s.get("endpoint") == b.url for s in status), status
     assert f"uplink: failing over from {a.url} to {b.url}" in agent.log()
+
+
+# -- fogwhisk status ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refuse", REFUSALS)
+def test_fogwhisk_status_reads_a_311_only_broker_too(refuse: Refusal, broker: Broker) -> None:
+    """`fogwhisk status` asks in MQTT 5, then in 3.1.1 where MQTT 5 is refused."""
+    doc = {"state": "online", "device": "dev1", "endpoint": "mqtt://b:1884", "protocol": "3.1.1"}
+    publish_many(broker.url, "fog/dev1/status", [json.dumps(doc)], retain=True)
+    with front(broker, refuse) as f:
+        status, _ = status_cli.fetch(f.url, "dev1", "fog", timeout_s=1.0)
+    assert status == doc
+    assert f.levels[-1] == 4
+
+
+def test_fogwhisk_status_names_the_endpoint_and_version_each_connection_uses() -> None:
+    telemetry = {"uptime_s": 5, "pipelines": {},
+                 "mqtt_uplink": {"connects": 2, "failovers": 1, "endpoint": "mqtt://b:1884",
+                                 "protocol": "3.1.1"},
+                 "mqtt_local": {"connects": 1}}
+    text = status_cli.render("dev1", {"state": "online"}, telemetry, now=0.0)
+    assert "uplink   mqtt://b:1884 (MQTT 3.1.1): connects 2, failovers 1" in text, text
+    assert "local    connects 1" in text, text

@@ -35,6 +35,21 @@ def fetch(broker_url: str, device: str, prefix: str,
 
 async def _fetch(parts: SplitResult, status_topic: str, telemetry_topic: str,
                  timeout_s: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """MQTT 5 first; a broker that refuses it (NATS 2.9 says so, RabbitMQ 3.10 closes,
+    which paho reports only as a time-out) is asked again in MQTT 3.1.1, as the agent does."""
+    try:
+        return await _subscribe(parts, status_topic, telemetry_topic, timeout_s,
+                                aiomqtt.ProtocolVersion.V5)
+    except ConnectionError as exc:
+        if isinstance(exc.__cause__, aiomqtt.MqttError) and "Errno" in str(exc.__cause__):
+            raise  # refused or unreachable: no version would do better
+        return await _subscribe(parts, status_topic, telemetry_topic, timeout_s,
+                                aiomqtt.ProtocolVersion.V311)
+
+
+async def _subscribe(parts: SplitResult, status_topic: str, telemetry_topic: str,
+                     timeout_s: float, protocol: aiomqtt.ProtocolVersion
+                     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     # aiomqtt: a short-lived async subscriber is exactly its use case (the agent's own
     # long-lived connections use agent.mqtt instead, for reconnects and manual acks).
     tls = parts.scheme in ("mqtts", "ssl")
@@ -44,7 +59,7 @@ async def _fetch(parts: SplitResult, status_topic: str, telemetry_topic: str,
             parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883),
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            protocol=aiomqtt.ProtocolVersion.V5, keepalive=30,
+            protocol=protocol, keepalive=30,
             tls_context=ssl.create_default_context() if tls else None,
             timeout=timeout_s,
         ) as client:

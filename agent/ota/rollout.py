@@ -803,7 +803,8 @@ class _Rollout:
         if rec.cancelled:
             self.publish([(f"{self.prefix}/{d}/models/{rec.name}/deploy", b"")
                           for d in rec.cancelled])
-            self.say(f"told {len(rec.cancelled)} devices in flight to drop the release: "
+            n = len(rec.cancelled)
+            self.say(f"told {n} device{'' if n == 1 else 's'} in flight to drop the release: "
                      f"{_few(rec.cancelled)}")
         rec.status = "aborted"
         self.save()

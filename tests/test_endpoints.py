@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -104,6 +106,7 @@ def test_auto_ends_on_311_at_a_broker_that_refuses_mqtt5_and_keeps_it_for_that_e
             async with running(conn):
                 await until(conn.connected.is_set, "connected")
                 assert conn.protocol == "3.1.1"
+                assert conn.inbound_window == 20  # the outbox sizes its early commits on it
                 conn.publish("fog/dev1/sensors/t", b'{"c": 21.5}',
                              user_properties=(("fogwhisk-id", "k1"),), expiry_s=60,
                              on_published=lambda rc, name: acks.append((rc, name)))
@@ -237,6 +240,26 @@ def test_a_url_list_keeps_url_as_its_first_endpoint(tmp_path: Path) -> None:
         "mqtts://a.example:8883", "a.example", 8883, True)
     assert cfg.local.urls == (cfg.local.url,)
     assert cfg.local.protocol == cfg.uplink.protocol == "auto"
+
+
+def test_check_config_shows_every_endpoint_without_its_password_and_refuses_a_bad_one(
+        tmp_path: Path) -> None:
+    """`check-config` prints the list (passwords masked), and exits 2 naming the bad item."""
+    path = tmp_path / "agent.toml"
+    head = f'[device]\nid = "d"\ndata_dir = "{tmp_path}"\n'
+    path.write_text(head + '[uplink]\nurl = ["mqtts://u:S3cret@a.example:8883", '
+                    '"mqtts://u:S3cret@b.example:8883"]\n')
+    ok = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(path)],
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    shown = json.loads(ok.stdout)["uplink"]
+    assert shown["urls"] == ["mqtts://u:***@a.example:8883", "mqtts://u:***@b.example:8883"]
+    assert "S3cret" not in ok.stdout + ok.stderr
+    path.write_text(head + '[uplink]\nurl = ["mqtts://a.example:8883", "mqtts://b.example:x"]\n')
+    bad = subprocess.run([sys.executable, "-m", "agent", "check-config", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert "agent.toml: uplink.url[1]: 'mqtts://b.example:x'" in bad.stderr, bad.stderr
 
 
 # -- the agent process ------------------------------------------------------------------------

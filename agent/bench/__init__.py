@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "blackhole": "agent.bench.blackhole",
     "ota": "agent.bench.ota",
     "rollout": "agent.bench.rollout",
+    "fabric": "agent.bench.fabric",
 }
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from candidates import catalog_dir, model_dir, real_dir
+from candidates import catalog_dir, faces_dir, model_dir
 
 from agent.errors import ReleaseError
 from agent.ota.trial import GoldenScore, TrialResult, run_trial
@@ -91,40 +90,6 @@ def test_the_memory_limit_applies_to_the_trial_process(tmp_path: Path) -> None:
 FACE = ModelStore().resolve("face")
 
 
-def face_set(tmp_path: Path, label: str, extra: str = "") -> Path:
-    """The real face model (MediaPipe BlazeFace short range, LiteRT) with its goldens
-    (astronaut.png: one face; coffee.png: none) and more labelled real photos: the
-    cameraman's face in camera.png, and astronaut.png shrunk to half size in the corner
-    of a black frame, a face at about twice the distance, which this short-range model
-    does not find."""
-    def add(text: str) -> str:
-        return text + f"""
-[[golden]]
-input = "samples/camera.png"
-
-[[golden.detections]]
-label = "face"
-score = 0.8
-box = [0.34, 0.232, 0.516, 0.409]
-
-[[golden]]
-input = "golden/far.png"
-
-[[golden.detections]]
-label = "face"
-score = 0.9
-box = [0.174, 0.0785, 0.265, 0.170]
-{extra}"""
-    d = real_dir(tmp_path, "face", label, edit=add)
-    shutil.copy(samples_dir() / "camera.png", d / "samples" / "camera.png")
-    image = cv2.imread(str(samples_dir() / "astronaut.png"))
-    far = np.zeros_like(image)
-    far[:256, :256] = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
-    (d / "golden").mkdir()
-    cv2.imwrite(str(d / "golden" / "far.png"), far)
-    return d
-
-
 def face_trial(d: Path, **kw: Any) -> TrialResult:
     return trial(d, baseline=(FACE.directory, FACE.path), max_latency_ratio=1000.0, **kw)
 
@@ -134,7 +99,7 @@ def test_a_real_model_meeting_its_golden_gates_passes_with_recall_and_precision(
     """The face model finds 2 of the 3 labelled faces (not the far one) and nothing
     else: recall 0.67 and precision 1.0 pass gates of 0.6 and 0.9; without the gates,
     the far face is a golden mismatch as every golden detection must be found."""
-    d = face_set(tmp_path, "faces")
+    d = faces_dir(tmp_path, "faces")
     got = face_trial(d, min_golden_recall=0.6, min_golden_precision=0.9)
     assert got.goldens == GoldenScore(goldens=4, expected=3, found=2, matched=2)
     assert round(got.goldens.recall, 2) == 0.67 and got.goldens.precision == 1.0
@@ -145,7 +110,7 @@ def test_a_real_model_meeting_its_golden_gates_passes_with_recall_and_precision(
 
 def test_golden_recall_under_the_policy_gate_is_rejected_with_the_figures(
         tmp_path: Path) -> None:
-    d = face_set(tmp_path, "faces")
+    d = faces_dir(tmp_path, "faces")
     with pytest.raises(ReleaseError) as err:
         face_trial(d, min_golden_recall=0.9)
     assert err.value.reason == (
@@ -156,7 +121,7 @@ def test_golden_recall_under_the_policy_gate_is_rejected_with_the_figures(
 def test_golden_precision_counts_detections_nobody_labelled(tmp_path: Path) -> None:
     """A fifth golden, camera.png mirrored, whose face nobody labelled: the face the
     model finds there is one unexpected detection of three, precision 0.67."""
-    d = face_set(tmp_path, "precision", extra="""
+    d = faces_dir(tmp_path, "precision", extra="""
 [[golden]]
 input = "golden/unlabelled.png"
 """)
@@ -168,3 +133,17 @@ input = "golden/unlabelled.png"
         face_trial(d, min_golden_recall=0.5, min_golden_precision=0.9)
     assert face_trial(d, min_golden_precision=0.6, min_golden_recall=0.6).goldens == \
         GoldenScore(goldens=5, expected=3, found=3, matched=2)
+
+
+def test_golden_gates_score_tensor_goldens_and_refuse_a_release_without_goldens(
+        tmp_path: Path) -> None:
+    """shapes-ssd's golden is an input tensor with three labelled shapes: all three are
+    found and nothing else (recall and precision 1.0). A gate on a release whose
+    manifest lists no golden has nothing to score: rejected, saying so."""
+    got = trial(catalog_dir(), min_golden_recall=1.0, min_golden_precision=1.0)
+    assert got.goldens == GoldenScore(goldens=1, expected=3, found=3, matched=3)
+    bare = model_dir(tmp_path, "bare", edit=lambda t: t[:t.index("[[golden]]")])
+    assert trial(bare).goldens is None
+    with pytest.raises(ReleaseError, match="the policy gates golden recall or precision, but "
+                                           "the release's manifest lists no golden"):
+        trial(bare, min_golden_precision=0.5)

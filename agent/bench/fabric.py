@@ -29,6 +29,7 @@ from pathlib import Path
 from agent.bench.relay import Broker, _agent, _cpu_s, _rss_kib
 
 SETTLE_S = 1.0  # connections and subscriptions in place before a paced run
+WARMUP_S = 2.0  # the same traffic, not measured, first
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Devices:
             c.loop_start()
             self.clients.append(c)
 
-    def run(self, seconds: float) -> int:
-        """Publish for `seconds`, paced in 20 ms slices; the number of messages sent."""
+    def run(self, seconds: float, topic: str = "r") -> int:
+        """Publish on fog/<id>/<topic> for `seconds`, paced in 20 ms slices; the number of
+        messages sent."""
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -78,7 +80,7 @@ class Devices:
                 for d, c in zip(self.ids, self.clients, strict=True):
                     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call] # paho ships no hints here
                     props.UserProperty = [("fogwhisk-id", f"{d}:bench:{sent}")]
-                    infos.append(c.publish(f"fog/{d}/r", f"{time.time():.6f}", qos=1,
+                    infos.append(c.publish(f"fog/{d}/{topic}", f"{time.time():.6f}", qos=1,
                                            properties=props))
             time.sleep(0.02)
         for info in infos:
@@ -114,6 +116,7 @@ def _paced(work: Path, gateway: Broker, cloud: Broker, relay_pid: int, agent: bo
     timed = work / "received"
     dev = Devices(gateway.port, devices, rate)
     try:
+        dev.run(WARMUP_S, "warmup")  # connections, caches and paged-out library code warm
         with _subscriber(cloud.port, n, timed) as sub:
             time.sleep(SETTLE_S)
             pids = [relay_pid] + ([gateway.proc.pid] if agent and gateway.proc else [])

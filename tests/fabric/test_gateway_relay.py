@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fabric import GATEWAY, fabric, user_property, wait_until
 from helpers import Collector, connect, make_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from agent import config
+from agent.errors import ConfigError
 
 KEY = "fogwhisk-id"
 
@@ -79,3 +83,19 @@ def test_the_gateway_relays_device_topics_unprefixed_under_the_devices_own_keys(
             retained = {(m.topic, m.retain) for m in late.wait_for(2)}
         assert retained == {("fog/dev-01/status", True), ("fog/dev-01/models/m/state", True)}
         assert "Traceback" not in gw.log(), gw.log()
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"relay": True, "topic": "up/{topic}"}, "relay = true forwards on the input's own topic"),
+    ({"key": "reuse"}, "key"),
+    ({"exclude": ["fog/#/x"]}, r"exclude 'fog/#/x'"),
+    ({"exclude": ["{bogus}/#"]}, r"exclude '\{bogus\}/#'.*placeholders: prefix, device"),
+])
+def test_relay_options_that_cannot_work_are_config_errors_naming_the_step(
+        step: dict[str, object], message: str) -> None:
+    raw = {"device": {"id": "gw"},
+           "pipeline": [{"name": "relay", "trigger": "fog/+/#",
+                         "steps": [{"action": "forward", **step}]}]}
+    with pytest.raises(ConfigError, match=message) as exc:
+        config.from_dict(raw, "agent.toml")
+    assert "steps[0]" in str(exc.value)

@@ -316,6 +316,16 @@ class Readings:
         self._client.loop_stop()
 
 
+def wait_until(cond: Callable[[], bool], what: str, agent: AgentProcess,
+               timeout_s: float = 30) -> None:
+    """Wait for `cond` while the agent runs; fail with its log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert agent.running, f"the agent exited waiting for {what}:\n{agent.log()}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s} s:\n{agent.log()}"
+        time.sleep(0.02)
+
+
 def relayed(*clouds: Collector) -> set[bytes]:
     return {m.payload for c in clouds for m in c.snapshot(f"fog/{DEVICE}/sensors/t")
             if m.payload.startswith(b"reading ")}
@@ -360,11 +370,9 @@ def test_the_agent_on_auto_relays_every_reading_between_brokers_that_speak_only_
             agent.wait_ready()
             prime(local, cloud, agent, "sensors/t")
             with Readings(local.url) as readings:
-                while len(readings.accepted) < 100:
-                    time.sleep(0.02)
+                wait_until(lambda: len(readings.accepted) >= 100, "100 readings", agent)
                 up_front.cut()
-                while len(readings.accepted) < 200:
-                    time.sleep(0.02)
+                wait_until(lambda: len(readings.accepted) >= 200, "200 readings", agent)
             wait_all(readings.accepted, (cloud,), agent)
             doc = last_telemetry(cloud, agent, lambda d: "mqtt_local" in d)
         finally:
@@ -392,11 +400,8 @@ def test_an_agent_on_protocol_5_at_a_311_only_uplink_says_so_keeps_running_and_e
             agent.wait_ready()
             agent.wait_log('protocol = "auto" in [uplink] falls back to 3.1.1')
             with Readings(local_broker.url) as readings:
-                while len(readings.accepted) < 50:
-                    time.sleep(0.02)
-            while up_front.levels.count(5) < 4:
-                assert agent.running, agent.log()
-                time.sleep(0.05)
+                wait_until(lambda: len(readings.accepted) >= 50, "50 readings", agent)
+            wait_until(lambda: up_front.levels.count(5) >= 4, "four attempts", agent)
             assert agent.running
         finally:
             assert agent.stop() == 0, agent.log()
@@ -424,12 +429,10 @@ def test_failover_from_a_killed_node_loses_no_reading_and_reports_the_new_endpoi
             agent.wait_ready()
             prime(local_broker, on_a, agent, "sensors/t")
             with Readings(local_broker.url) as readings:
-                while len(relayed(on_a)) < 100:
-                    time.sleep(0.02)
+                wait_until(lambda: len(relayed(on_a)) >= 100, "100 readings on A", agent)
                 a.kill()
                 n = len(readings.accepted)
-                while len(readings.accepted) < n + 200:
-                    time.sleep(0.02)
+                wait_until(lambda: len(readings.accepted) >= n + 200, "200 more", agent)
             wait_all(readings.accepted, (on_a, on_b), agent)
             doc = last_telemetry(on_b, agent,
                                  lambda d: d.get("mqtt_uplink", {}).get("endpoint") == b.url)

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from fabric import Fabric, fabric, user_property, wait_until
+from fabric import fabric, user_property, wait_until
 from helpers import connect, make_client
 
 DEVICES = [f"dev-{i:02d}" for i in range(10)]
@@ -70,9 +70,12 @@ def arrivals(cloud_msgs: list[object]) -> dict[str, list[tuple[int, str | None]]
     return out
 
 
-def complete(fab: Fabric, cloud: object, sent: dict[str, int]) -> bool:
+def missing(cloud: object, sent: dict[str, int]) -> dict[str, list[int]]:
+    """Per device, the accepted readings the cloud has not seen (yet)."""
     seen = arrivals(cloud.snapshot("fog/+/sensors/+/r"))  # type: ignore[attr-defined]
-    return all({s for s, _ in seen.get(d, [])} >= set(range(1, n + 1)) for d, n in sent.items())
+    gaps = {d: sorted(set(range(1, n + 1)) - {s for s, _ in seen.get(d, [])})
+            for d, n in sent.items()}
+    return {d: g for d, g in gaps.items() if g}
 
 
 def test_every_accepted_reading_reaches_the_cloud_in_order_through_cut_crash_and_restart(
@@ -120,8 +123,9 @@ def test_every_accepted_reading_reaches_the_cloud_in_order_through_cut_crash_and
             fab.uplink.forward()
             at(STREAM_S)
             sent = sensors.stop()
-            wait_until(lambda: complete(fab, cloud, sent), 90,
-                       "every accepted reading at the cloud", fab.logs)
+            wait_until(lambda: not missing(cloud, sent), 90,
+                       "every accepted reading at the cloud",
+                       lambda: f"missing: {missing(cloud, sent)}\n{fab.logs()}")
             seen = arrivals(cloud.snapshot("fog/+/sensors/+/r"))
         keys_of: dict[str, set[str]] = {}
         for d, n in sent.items():

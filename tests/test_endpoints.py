@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -360,8 +362,9 @@ def last_telemetry(cloud: Collector, agent: AgentProcess,
 def test_the_agent_on_auto_relays_every_reading_between_brokers_that_speak_only_311(
         tmp_path: Path, broker_factory: BrokerFactory) -> None:
     """The local bus refuses MQTT 5 as NATS does, the uplink as RabbitMQ does: both end on
-    3.1.1, every reading arrives, also across a cut of the uplink mid-stream (a row leaves
-    the outbox only at its PUBACK, as with MQTT 5), and telemetry names both versions."""
+    3.1.1, every reading arrives, also those sent into a dead uplink connection (a row
+    leaves the outbox only at its PUBACK, as with MQTT 5), and telemetry names both
+    versions."""
     local, cloud_broker = broker_factory("local"), broker_factory("cloud")
     with front(local, "connack") as local_front, front(cloud_broker, "close") as up_front, \
             Collector(cloud_broker.url, f"fog/{DEVICE}/#") as cloud:
@@ -370,9 +373,12 @@ def test_the_agent_on_auto_relays_every_reading_between_brokers_that_speak_only_
             agent.wait_ready()
             prime(local, cloud, agent, "sensors/t")
             with Readings(local.url) as readings:
-                wait_until(lambda: len(readings.accepted) >= 100, "100 readings", agent)
-                up_front.cut()
-                wait_until(lambda: len(readings.accepted) >= 200, "200 readings", agent)
+                wait_until(lambda: len(relayed(cloud)) >= 100, "100 readings relayed", agent)
+                up_front.blackhole()  # what the agent sends now is never acknowledged ...
+                held = len(readings.accepted)
+                wait_until(lambda: len(readings.accepted) >= held + 50, "50 more", agent)
+                up_front.forward()  # ... and is lost with the cut that ends the blackhole
+                wait_until(lambda: len(readings.accepted) >= held + 150, "100 more", agent)
             wait_all(readings.accepted, (cloud,), agent)
             doc = last_telemetry(cloud, agent, lambda d: "mqtt_local" in d)
         finally:
@@ -418,9 +424,9 @@ def test_an_agent_on_protocol_5_at_a_311_only_uplink_says_so_keeps_running_and_e
 
 def test_failover_from_a_killed_node_loses_no_reading_and_reports_the_new_endpoint(
         tmp_path: Path, broker_factory: BrokerFactory, local_broker: Broker) -> None:
-    """url = [A, B]; kill -9 A mid-stream: what A did not acknowledge goes again to B, so a
-    subscriber on each node sees, together, every reading; status and telemetry on B name
-    B as the endpoint in use."""
+    """url = [A, B]; A hangs mid-stream, then is killed -9: what the agent sent A meanwhile
+    was never acknowledged and goes again to B, so a subscriber on each node sees, together,
+    every reading; status and telemetry on B name B as the endpoint in use."""
     a, b = broker_factory("a"), broker_factory("b")
     with Collector(a.url, f"fog/{DEVICE}/#") as on_a, \
             Collector(b.url, f"fog/{DEVICE}/#") as on_b:
@@ -430,16 +436,20 @@ def test_failover_from_a_killed_node_loses_no_reading_and_reports_the_new_endpoi
             prime(local_broker, on_a, agent, "sensors/t")
             with Readings(local_broker.url) as readings:
                 wait_until(lambda: len(relayed(on_a)) >= 100, "100 readings on A", agent)
+                assert a.proc is not None
+                os.kill(a.proc.pid, signal.SIGSTOP)  # sent to A from now on: never acked
+                frozen = len(readings.accepted)
+                wait_until(lambda: len(readings.accepted) >= frozen + 50, "50 more", agent)
                 a.kill()
-                n = len(readings.accepted)
-                wait_until(lambda: len(readings.accepted) >= n + 200, "200 more", agent)
+                wait_until(lambda: len(readings.accepted) >= frozen + 200, "200 more", agent)
             wait_all(readings.accepted, (on_a, on_b), agent)
+            in_flight = set(readings.accepted[frozen:frozen + 20])  # the first window to A
             doc = last_telemetry(on_b, agent,
                                  lambda d: d.get("mqtt_uplink", {}).get("endpoint") == b.url)
             status = [json.loads(m.payload) for m in on_b.snapshot(f"fog/{DEVICE}/status")]
         finally:
             assert agent.stop() == 0, agent.log()
-    assert relayed(on_b), "nothing went through B"
+    assert in_flight <= relayed(on_b) and not in_flight & relayed(on_a)
     assert doc["mqtt_uplink"]["protocol"] == "5"
     assert doc["mqtt_uplink"]["failovers"] >= 1
     assert any(s.get("state") == "online" and s.get("endpoint") == b.url for s in status), status

@@ -1,4 +1,4 @@
-"""A proxy that also reads the MQTT 5 stream it forwards: which readings the broker took.
+"""A proxy that also reads the MQTT stream it forwards: which readings the broker took.
 
 `AckTap` is the chaos `Proxy` (cut, refuse, blackhole) plus two records on one
 topic: every payload the agent published (its own duplicates are resends), and
@@ -17,7 +17,7 @@ import threading
 
 from proxy import Proxy
 
-PUBLISH, PUBACK = 3, 4
+CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
 
 
 class Frames:
@@ -59,12 +59,13 @@ def _varint(b: bytes, pos: int) -> tuple[int, int]:
 
 
 class AckTap(Proxy):
-    """The chaos proxy, recording the payloads on `topic` the broker acknowledged (MQTT 5)."""
+    """The chaos proxy, recording the payloads on `topic` the broker acknowledged."""
 
     def __init__(self, target_port: int, topic: str) -> None:
         self.topic = topic.encode()
         self.acked: list[bytes] = []
         self.published: list[bytes] = []
+        self.sessions: list[int] = []  # protocol level (4: 3.1.1, 5) per accepted CONNECT
         self._acked_lock = threading.Lock()
         super().__init__(target_port)
 
@@ -83,6 +84,7 @@ class AckTap(Proxy):
         peers = {a: b, b: a}
         frames = {a: Frames(), b: Frames()}
         sent: dict[int, bytes] = {}  # packet id -> payload on our topic, this connection
+        level = 5  # from the CONNECT: 3.1.1 (4) has no properties in a PUBLISH
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([a, b], [], [], 0.1)
@@ -95,11 +97,16 @@ class AckTap(Proxy):
                     packets = frames[s].feed(data)
                     peers[s].sendall(data)  # delivered: only now does it count
                     for kind, flags, body in packets:
-                        if s is a and kind == PUBLISH and flags & 0x06:
+                        if s is a and kind == CONNECT:
+                            level = body[2 + int.from_bytes(body[:2], "big")]
+                        elif s is b and kind == CONNACK and body[1] == 0:
+                            with self._acked_lock:
+                                self.sessions.append(level)
+                        elif s is a and kind == PUBLISH and flags & 0x06:
                             n = int.from_bytes(body[:2], "big")
                             if body[2:2 + n] == self.topic:
                                 pid = int.from_bytes(body[2 + n:4 + n], "big")
-                                props_len, pos = _varint(body, 4 + n)
+                                props_len, pos = _varint(body, 4 + n) if level == 5 else (0, 4 + n)
                                 sent[pid] = body[pos + props_len:]
                                 with self._acked_lock:
                                     self.published.append(sent[pid])

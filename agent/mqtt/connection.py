@@ -14,15 +14,13 @@ valid name, a topic alias we never allowed, QoS 2 where we subscribed at
 QoS 1, a packet above the Maximum Packet Size we advertised) is answered
 with a DISCONNECT carrying the MQTT 5 reason code and a fresh connection:
 what it sent is never acknowledged nor handed on. Every close is logged with
-its reason, a repeated one once per burst.
+its reason, a repeated one once per burst (`agent.mqtt.closes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
 import socket
 import ssl
 import time
@@ -33,6 +31,7 @@ from typing import Any
 from agent.config import BrokerConfig
 from agent.errors import ConnectError
 from agent.mqtt import codec, topics
+from agent.mqtt.closes import STABLE_AFTER_S, Closes
 from agent.mqtt.endpoints import CLOSED_BEFORE_CONNACK, Endpoint, Endpoints, backoff_s
 from agent.mqtt.transport import PacketProtocol
 from agent.telemetry import Telemetry
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 # 0.25 s): an idle agent wakes a few times a second, not eight.
 HOUSEKEEPING_S = 0.25
 HOUSEKEEPING_MAX_S = 1.0
-STABLE_AFTER_S = 10.0  # a connection that lasted this long resets the backoff
 DEFAULT_RECEIVE_MAXIMUM = 20  # when the broker names none: Mosquitto's own default
 # The Maximum Packet Size we advertise (MQTT 5) and enforce (both versions), counting
 # the whole packet. A connection without a message handler (the uplink) receives only
@@ -55,8 +53,6 @@ ACKS_MAX_PACKET_BYTES = 65_536
 # msgpack with room; a 256 MB announcement does not. `max_packet_bytes` sets it tighter.
 MESSAGES_MAX_PACKET_BYTES = 64 * 2**20
 KEEPALIVE_GRACE = 1.25  # keepalives without a complete packet before giving up
-TAKEOVER_STREAK = 3  # closes in a row right after connecting that mean a session takeover
-BURST_S = 10.0  # a repeated log line is said once per burst of this length
 CHECKED_TOPICS = 10_000  # inbound topic names known valid; cleared when full (stays bounded)
 
 
@@ -137,8 +133,7 @@ class Connection:
         self._refused_v5 = ""  # how the endpoint refused this attempt's MQTT 5 CONNECT
         self._stopping = False
         self._ssl: ssl.SSLContext | None = None
-        self._bursts: dict[str, tuple[float, int]] = {}
-        self._quick_closes = 0  # closes by the broker right after connecting, in a row
+        self.closes = Closes(name, client_id, self.counters, log)  # repeated lines, takeovers
         self._valid_topics: set[str] = set()
 
     # -- the connection loop -----------------------------------------------------
@@ -192,7 +187,7 @@ class Connection:
         if new is None:
             return
         self.counters.inc("failovers")
-        self._say(logging.INFO, f"failover:{old.where}>{new.where}",
+        self.closes.say(logging.INFO, f"failover:{old.where}>{new.where}",
                   "%s: failing over from %s to %s (%s)", self.name, old.where, new.where, why)
 
     @property
@@ -323,49 +318,11 @@ class Connection:
                 pinged = time.monotonic()
         why = proto.lost.result()
         if not self._stopping:
-            self._say(logging.WARNING, f"lost:{why}", "%s: connection to %s lost: %s",
+            self.closes.say(logging.WARNING, f"lost:{why}", "%s: connection to %s lost: %s",
                       self.name, self.where, why)
-            self._note_takeover(proto, time.monotonic() - connected_at)
+            self.closes.closed(proto.broker_reason, proto.closed_by_broker,
+                               time.monotonic() - connected_at)
         return why
-
-    def _note_takeover(self, proto: PacketProtocol, lasted_s: float) -> None:
-        """Name a session takeover: the broker says so (0x8E), or closes us again and again
-        right after connecting (Mosquitto says nothing, even to MQTT 5 clients)."""
-        if proto.broker_reason == codec.SESSION_TAKEN_OVER:
-            self._quick_closes = 0
-            self._takeover("")
-            return
-        if not (proto.closed_by_broker and lasted_s < STABLE_AFTER_S):
-            self._quick_closes = 0
-            return
-        self._quick_closes += 1
-        if self._quick_closes >= TAKEOVER_STREAK:
-            self._takeover(f"the broker closed the connection right after connecting "
-                           f"{self._quick_closes} times in a row: ", "probably ")
-
-    def _takeover(self, evidence: str, hedge: str = "") -> None:
-        self.counters.inc("session_takeovers")
-        m = re.fullmatch(r"fogwhisk-(.+)-(local|uplink)", self.client_id)  # config's default
-        twins = f"device id {m.group(1)}" if m else f"client id {self.client_id}"
-        self._say(logging.WARNING, "takeover", "%s: %sanother client with the same client id "
-                  "%s %stook the session over: two agents with %s?", self.name, evidence,
-                  self.client_id, hedge, twins)
-
-    def _say(self, level: int, key: str, fmt: str, *args: object,
-             exc_info: bool = False) -> None:
-        """Log once per burst of `key`, then say how many were held back meanwhile."""
-        now = time.monotonic()
-        last, held = self._bursts.get(key, (-math.inf, 0))
-        if now - last < BURST_S:
-            self._bursts[key] = (last, held + 1)
-            return
-        if len(self._bursts) > 100:  # keys hold reasons: keep the table small
-            self._bursts = {k: v for k, v in self._bursts.items() if now - v[0] < BURST_S}
-        self._bursts[key] = (now, 0)
-        if held:
-            fmt += " (and %d more like it in the last burst)"
-            args = (*args, held)
-        log.log(level, fmt, *args, exc_info=exc_info)
 
     def _teardown(self) -> None:
         was_connected = self.connected.is_set()
@@ -453,7 +410,7 @@ class Connection:
             # Whatever the owner recorded is in doubt: start over, and everything
             # unacknowledged goes again (at least once).
             self.counters.inc("handler_errors")
-            self._say(logging.ERROR, "published", "%s: the on_published callback failed; "
+            self.closes.say(logging.ERROR, "published", "%s: the on_published callback failed; "
                       "reconnecting", self.name, exc_info=True)
             proto.fail("the on_published callback failed")
 
@@ -471,7 +428,7 @@ class Connection:
         except Exception:
             # Not acknowledged: the broker delivers it again on the next connection.
             self.counters.inc("handler_errors")
-            self._say(logging.ERROR, "handler", "%s: the message handler failed on %r; "
+            self.closes.say(logging.ERROR, "handler", "%s: the message handler failed on %r; "
                       "left unacknowledged", self.name, msg.topic[:80], exc_info=True)
 
     def _route(self, topic: str) -> Handler | None:

@@ -19,9 +19,23 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chaos"))
 
-from interop_brokers import Epmd, NatsServer, RabbitCluster, RabbitNode  # noqa: E402
+from interop_brokers import (
+    Epmd,
+    NatsServer,
+    RabbitCluster,
+    RabbitNode,
+    installed,
+)
 
 NATS_ACK_WAIT_S = 2.0  # short, so a test waits for NATS's redelivery in seconds
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _brokers_installed() -> None:
+    if not installed():
+        pytest.fail("tests/interop needs rabbitmq-server and nats-server: run "
+                    "scripts/setup --interop (as root), or leave this directory out "
+                    "(scripts/test does when they are missing)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,8 @@ class RabbitNode:
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """`rabbitmqctl -n NODE ARGS...`; its stdout, or an error with its output."""
         done = subprocess.run([str(RABBITMQCTL), "-n", self.nodename, *args],
-                              env=self.env(), capture_output=True, timeout=timeout)
+                              env=self.env(), capture_output=True, timeout=timeout,
+                              check=False)
         if done.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.nodename} failed "
                                f"({done.returncode}):\n{done.stdout.decode()}"

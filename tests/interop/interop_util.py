@@ -64,13 +64,21 @@ def subscriber(url: str, topics: str | Sequence[str], *, client_id: str | None =
     return c
 
 
-def wait_until(what: str, check: Callable[[], object], timeout_s: float, interval_s: float = 0.1) -> None:
+def wait_until(what: str, check: Callable[[], object], timeout_s: float,
+               interval_s: float = 0.1) -> None:
     """Poll `check()` until true; fail naming `what` after `timeout_s`."""
+    if not settles(check, timeout_s, interval_s):
+        raise AssertionError(f"{what}: not within {timeout_s}s")
+
+
+def settles(check: Callable[[], object], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll `check()` until true or `timeout_s` passed; whether it became true."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
+            return False
         time.sleep(interval_s)
+    return True
 
 
 def numbers(payloads: Sequence[bytes]) -> set[int]:

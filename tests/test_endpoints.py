@@ -147,9 +147,9 @@ def test_auto_speaks_mqtt5_to_a_broker_that_accepts_it(
 
 
 def test_a_close_that_311_is_not_answered_either_is_not_taken_for_a_311_broker(
-        broker: Broker) -> None:
+        broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
     """A broker that closes every CONNECT (for some other reason) teaches nothing about its
-    version: each round tries MQTT 5 first again, then 3.1.1 at once."""
+    version: each round tries MQTT 5 first again, then 3.1.1 at once (said once)."""
     with front(broker, "everything") as f:
         conn = Connection("uplink", conn_cfg(f.url, "auto"), "fogwhisk-dev1-uplink",
                           Telemetry())
@@ -161,6 +161,8 @@ def test_a_close_that_311_is_not_answered_either_is_not_taken_for_a_311_broker(
         asyncio.run(scenario())
     assert f.levels[:6] == [5, 4, 5, 4, 5, 4], f.levels
     assert conn.counters.values["connects"] == 0
+    assert len(said(caplog, "refused MQTT 5", logging.INFO)) == 1
+    assert len(said(caplog, "uplink: ", logging.ERROR)) == 1
 
 
 @pytest.mark.parametrize("refuse", REFUSALS)
@@ -242,6 +244,26 @@ def test_a_url_list_keeps_url_as_its_first_endpoint(tmp_path: Path) -> None:
         "mqtts://a.example:8883", "a.example", 8883, True)
     assert cfg.local.urls == (cfg.local.url,)
     assert cfg.local.protocol == cfg.uplink.protocol == "auto"
+
+
+@pytest.mark.parametrize(("uplink", "loops"), [
+    ('["mqtt://192.0.2.1:1883", "mqtt://localhost:1883"]', True),
+    ('["mqtt://192.0.2.1:1883", "mqtt://localhost:1884"]', False),
+])
+def test_a_trigger_on_its_own_topics_is_refused_when_any_uplink_endpoint_is_the_local_bus(
+        tmp_path: Path, uplink: str, loops: bool) -> None:
+    """The agent would read back what it sends through that endpoint, without end."""
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[device]\nid = "d"\ndata_dir = "{tmp_path}"\n'
+                    '[local]\nurl = "mqtt://127.0.0.1:1883"\n'
+                    f'[uplink]\nurl = {uplink}\n'
+                    '[[pipeline]]\nname = "p"\ntrigger = "fog/#"\n'
+                    'steps = [{ action = "forward" }]\n')
+    if not loops:
+        config.load(path)
+        return
+    with pytest.raises(ConfigError, match="matches the agent's own topics"):
+        config.load(path)
 
 
 def test_check_config_shows_every_endpoint_without_its_password_and_refuses_a_bad_one(

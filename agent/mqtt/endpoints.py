@@ -72,6 +72,7 @@ class Endpoints:
         self.index = 0
         self._speaks: dict[int, str] = {}  # index -> the version a CONNACK answered in
         self._trial: set[int] = set()  # refused MQTT 5 just now: the next attempt is 3.1.1
+        self._said: set[int] = set()  # the fallback was logged at info for these
 
     @property
     def current(self) -> Endpoint:
@@ -89,8 +90,11 @@ class Endpoints:
         if self.protocol != "auto":
             return False
         self._trial.add(self.index)
-        log.info("%s: %s refused MQTT 5 (%s); trying MQTT 3.1.1 at once", self.name,
-                 self.current.where, how)
+        # Said once per endpoint: a broker that closes every CONNECT refuses each round.
+        level = logging.DEBUG if self.index in self._said else logging.INFO
+        self._said.add(self.index)
+        log.log(level, "%s: %s refused MQTT 5 (%s); trying MQTT 3.1.1 at once", self.name,
+                self.current.where, how)
         return True
 
     def answered(self, v5: bool, reason: int) -> None:

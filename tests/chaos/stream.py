@@ -10,6 +10,7 @@ import threading
 import time
 
 from helpers import Collector, connect, make_client
+from paho.mqtt.client import MQTTv5
 
 TOPIC = "sensors/chaos"
 
@@ -18,10 +19,11 @@ class Stream:
     """Publishes n = 0, 1, 2, ... on `topic` (in a thread with `start`); records the PUBACKed.
 
     `pad` makes each payload bigger ("n pad"); `received` reads the number back.
+    `protocol`: paho's MQTTv5 or MQTTv311 (for a bus that speaks only 3.1.1).
     """
 
     def __init__(self, url: str, rate_hz: float = 400.0, topic: str = TOPIC,
-                 pad: bytes = b"") -> None:
+                 pad: bytes = b"", protocol: int = MQTTv5) -> None:
         self.url = url
         self.pad = b" " + pad if pad else b""
         self.topic = topic
@@ -29,7 +31,7 @@ class Stream:
         self.accepted: list[int] = []
         self.next = 0
         self._stop = threading.Event()
-        self._client = make_client(url)
+        self._client = make_client(url, protocol=protocol)
         connect(self._client, url)
         self._thread: threading.Thread | None = None
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_proc import write_config
+from agent_proc import AgentProcess, write_config
 from brokers import Broker
-from helpers import Collector
+from helpers import Collector, publish_many
 
 MQTT311 = mqtt.MQTTv311
 
@@ -62,6 +62,17 @@ def subscriber(url: str, topics: str | Sequence[str], *, client_id: str | None =
                   client_id=client_id or f"interop-sub-{uuid.uuid4().hex[:8]}")
     c.client.reconnect_delay_set(0.1, 1)
     return c
+
+
+def prime_311(local_url: str, cloud: Collector, agent: AgentProcess, topic: str,
+              device: str, timeout_s: float = 20) -> None:
+    """`agent_proc.prime` for a 3.1.1 local bus: publish a marker until it is relayed."""
+    deadline = time.monotonic() + timeout_s
+    while not cloud.snapshot(f"fog/{device}/{topic}"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"marker {topic} never relayed:\n{agent.log()}")
+        publish_many(local_url, topic, [b"marker"], protocol=MQTT311)
+        time.sleep(0.1)
 
 
 def wait_until(what: str, check: Callable[[], object], timeout_s: float,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import Certs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chaos"))
@@ -39,11 +40,12 @@ def _brokers_installed() -> None:
 
 
 @pytest.fixture(scope="session")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    """One RabbitMQ 3.10 node with rabbitmq_mqtt (MQTT 3.1.1) on free ports."""
+def rabbit(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[RabbitNode]:
+    """One RabbitMQ 3.10 node with rabbitmq_mqtt (MQTT 3.1.1) on free ports: plain
+    (`url`) and mutual TLS with the session's test certificates (`tls_port`)."""
     workdir = tmp_path_factory.mktemp("rabbit")
     epmd = Epmd(workdir / "epmd").start()
-    node = RabbitNode("single", workdir / "node", epmd)
+    node = RabbitNode("single", workdir / "node", epmd, tls=certs)
     try:
         yield node.start()
     finally:

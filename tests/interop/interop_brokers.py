@@ -32,7 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from brokers import find_free_port, port_open
+from brokers import Certs, find_free_port, port_open
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # not /usr/sbin: that wrapper su's to `rabbitmq`
 RABBITMQ_SERVER = RABBIT_BIN / "rabbitmq-server"
@@ -102,7 +102,7 @@ class RabbitNode:
     """One RabbitMQ node with the MQTT plugin; keeps its ports and data across restarts."""
 
     def __init__(self, name: str, workdir: Path, epmd: Epmd, home: Path | None = None,
-                 extra_conf: str = "") -> None:
+                 tls: Certs | None = None) -> None:
         self.name = name
         self.workdir = workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -111,17 +111,18 @@ class RabbitNode:
         self.port = find_free_port()  # MQTT
         self.amqp_port = find_free_port()
         self.dist_port = find_free_port()
+        self.tls_port = find_free_port() if tls else None  # MQTT over mutual TLS
         self.home = (home or workdir / "home").resolve()
         self.log_path = workdir / "console.log"
         self.pid_file = workdir / "beam.pid"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._write_files(extra_conf)
+        self._write_files(tls)
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def _write_files(self, extra_conf: str) -> None:
+    def _write_files(self, tls: Certs | None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         cookie = self.home / ".erlang.cookie"
         if not cookie.exists():
@@ -137,7 +138,16 @@ class RabbitNode:
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}",
             "log.console = false",
             "log.file.level = info",
-            extra_conf, "",
+            *([] if tls is None else [
+                # Mutual TLS as cloud-tls.conf has it: a client certificate is required.
+                f"mqtt.listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {tls.ca}",
+                f"ssl_options.certfile = {tls.cert('server')}",
+                f"ssl_options.keyfile = {tls.key('server')}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = true",
+                "ssl_options.versions.1 = tlsv1.2",
+            ]), "",
         ]))
 
     def env(self) -> dict[str, str]:
@@ -175,13 +185,13 @@ class RabbitNode:
 
     def wait_started(self, timeout: float = RABBIT_START_TIMEOUT_S) -> RabbitNode:
         assert self.proc is not None
-        _wait_port(self.port, self.proc, f"rabbitmq {self.nodename}", self._logs(), timeout)
+        _wait_port(self.port, self.proc, f"rabbitmq {self.nodename}", self.log_file(), timeout)
         return self
 
     def start(self) -> RabbitNode:
         return self.spawn().wait_started()
 
-    def _logs(self) -> Path:
+    def log_file(self) -> Path:
         logs = sorted((self.workdir / "log").glob("*.log"))
         return logs[0] if logs else self.log_path
 

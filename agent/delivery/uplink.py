@@ -10,6 +10,17 @@ PUBLISH sends that row to the dead-letter table, with the reason, instead of
 blocking the lane or stopping the agent. After a reconnect the unacknowledged
 rows go again, in order.
 
+A broker that closes the connection on a row tells nothing else: MQTT 3.1.1
+exchanges no packet limit, so a row above the broker's (Mosquitto's
+`max_packet_size`, NATS's `max_payload`) gets the connection closed, again
+at every reconnect. After `ISOLATE_AFTER` closes in a row with rows in
+flight and no PUBACK for a row written after the oldest of them, rows go one
+at a time until that row is settled; a row the broker closed on twice in a
+row while it was alone in flight, soon after it was written and before the
+keepalive could explain the close, is dead-lettered with that reason. A
+network cut with many rows in flight, or a silent link the keepalive gives
+up on, dead-letters nothing.
+
 The backlog streams from disk a page at a time; only a bounded window of
 rows is ever in memory, however long the outage was. Rows in memory are sent
 from the callbacks that free them (a commit, a PUBACK), without a task switch;
@@ -39,6 +50,9 @@ MEMORY_ROWS = 4000  # per lane; beyond it the lane streams from disk
 KEY_PROPERTY = "fogwhisk-id"
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and our properties, roughly
 CHECKED_TOPICS = 10_000  # topics known to be valid names; cleared when full (stays bounded)
+ISOLATE_AFTER = 2  # closes in a row without a PUBACK past the oldest row in flight
+DEAD_AFTER = 2  # closes in a row on one row alone in flight: it is the cause ("twice")
+CLOSE_SOON_S = 3.0  # a close within this (and the keepalive) of the lone row's write blames it
 
 
 @dataclass(slots=True)
@@ -64,6 +78,13 @@ class Sender:
         self._inflight = 0
         self._valid_topics: set[str] = set()
         self._paused = False
+        # Finding a row the broker closes the connection on (see the module docstring).
+        self._seq = 0  # write order, across connections
+        self._sent: dict[int, tuple[int, float]] = {}  # in flight: row id -> (order, written)
+        self._acked_seq = 0  # the latest-written row acknowledged on this connection
+        self._suspect: Row | None = None  # the oldest row in flight at fruitless closes
+        self._fruitless = 0  # closes in a row without a PUBACK past the oldest row in flight
+        self._alone = 0  # closes in a row on `_suspect` alone, soon after its write
         outbox.on_rows = self._committed
         outbox.on_evicted = self._evicted
         outbox.on_settled = self._pump
@@ -75,6 +96,11 @@ class Sender:
     def window(self) -> int:
         # A broker that names no receive maximum allows 65,535 in flight; past a few
         # thousand a bigger window buys nothing but a longer resend after a fault.
+        if self._fruitless >= ISOLATE_AFTER:
+            return 1  # finding the row the broker closes the connection on
+        return self._normal_window()
+
+    def _normal_window(self) -> int:
         return self.inflight_cfg or min(self.conn.server_receive_maximum, MAX_WINDOW)
 
     def _lane(self, priority: int) -> Lane:
@@ -125,7 +151,11 @@ class Sender:
             self.conn.resume_reading()
 
     def connection_lost(self) -> None:
-        """Everything sent but unacknowledged goes again, in order, after the reconnect."""
+        """Everything sent but unacknowledged goes again, in order, after the reconnect
+        (but a row the broker closed the connection on twice while alone in flight)."""
+        self._judge_close()
+        self._sent.clear()
+        self._acked_seq = 0
         for lane in self.lanes.values():
             if lane.unacked:
                 again = [r for r in lane.unacked.values() if not self.outbox.gone(r)]
@@ -135,6 +165,48 @@ class Sender:
 
     def connected(self) -> None:
         self._wake.set()
+
+    def _judge_close(self) -> None:
+        """The connection closed: was it on the oldest row in flight? See the docstring."""
+        if not self._sent:
+            return  # nothing in flight: the close says nothing about any row
+        head_id, (head_seq, written) = min(self._sent.items(), key=lambda kv: kv[1][0])
+        lane = next((ln for ln in self.lanes.values() if head_id in ln.unacked), None)
+        if lane is None or self._acked_seq > head_seq or self.outbox.gone(lane.unacked[head_id]):
+            self._clear("passed by the broker")  # a flaky network, or the row is gone anyway
+            return
+        head = lane.unacked[head_id]
+        self._fruitless += 1
+        if self._suspect is None or self._suspect.id != head.id:
+            self._suspect, self._alone = head, 0
+        now = time.monotonic()
+        keepalive = float(self.conn.cfg.keepalive_s)
+        # Our keepalive gives up only after 1.25 keepalives without a packet: a close
+        # within one of the last packet, and soon after the write, came from the far end.
+        soon = (now - written <= min(CLOSE_SOON_S, keepalive)
+                and now - self.conn.last_in < keepalive)
+        self._alone = self._alone + 1 if len(self._sent) == 1 and soon else 0
+        if self._alone >= DEAD_AFTER:
+            del lane.unacked[head.id]  # not resent: dead-lettered instead
+            hint = "" if self.conn.v5 else \
+                "; MQTT 3.1.1 exchanges no packet limit: the broker's is likely below it"
+            why = (f"the broker closed the connection twice on this row alone "
+                   f"({len(head.payload)} bytes{hint})")
+            self.outbox.counters.inc("dead_closed_alone")
+            self.outbox.to_dead(head, why)  # logged there, at warning
+            self._clear("dead-lettered")
+        elif self._fruitless == ISOLATE_AFTER:
+            self.outbox.counters.inc("uplink_isolations")
+            log.info("uplink: %d connections in a row closed with message %s on %s in flight "
+                     "and no PUBACK past it; sending one row at a time to find the cause",
+                     self._fruitless, head.key, head.topic)
+
+    def _clear(self, what: str) -> None:
+        """No row is suspected (any more): the normal window again."""
+        if self._fruitless >= ISOLATE_AFTER and self._suspect is not None:
+            log.info("uplink: message %s %s; back to a window of %d", self._suspect.key, what,
+                     self._normal_window())
+        self._suspect, self._fruitless, self._alone = None, 0, 0
 
     async def run(self) -> None:
         while True:
@@ -223,6 +295,8 @@ class Sender:
         # In flight before the call: a QoS 0 PUBLISH is "acknowledged" inside it.
         lane.unacked[row.id] = row
         self._inflight += 1
+        self._seq += 1
+        self._sent[row.id] = (self._seq, time.monotonic())
         try:
             self.conn.publish(row.topic, row.payload, row.qos, row.retain,
                               user_properties=((KEY_PROPERTY, row.key),), expiry_s=expiry_s,
@@ -241,6 +315,7 @@ class Sender:
     def _forget(self, lane: Lane, row: Row) -> None:
         if lane.unacked.pop(row.id, None) is not None:
             self._inflight -= 1
+            self._sent.pop(row.id, None)
 
     def _unpublishable(self, row: Row) -> str:
         """Why no broker could take `row` ("" when it is fine)."""
@@ -261,12 +336,26 @@ class Sender:
         if lane.unacked.pop(row.id, None) is None:
             return  # from a connection already given up on; the row goes again
         self._inflight -= 1
+        sent = self._sent.pop(row.id, None)
+        if sent is not None and sent[0] > self._acked_seq:
+            self._acked_seq = sent[0]
         if rc < 0x80:
             self.outbox.acked(row)
         else:
             self.outbox.to_dead(row, f"refused by the broker: {name} ({rc})")
+        suspect = self._suspect
+        if suspect is not None and not self._pending(suspect):
+            self._clear("settled")  # acknowledged, refused, expired or evicted
         if lane.queue or lane.on_disk or len(self.lanes) > 1:
             self._pump()
+
+    def _pending(self, row: Row) -> bool:
+        """Whether `row` still waits in its lane: in flight, or first in its queue (rows
+        go in order, and a close puts the unacknowledged ones back in front)."""
+        lane = self.lanes.get(row.lane)
+        if lane is None:
+            return False
+        return row.id in lane.unacked or bool(lane.queue and lane.queue[0].id == row.id)
 
     @property
     def inflight(self) -> int:

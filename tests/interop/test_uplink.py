@@ -11,7 +11,7 @@ import os
 import time
 
 import pytest
-from agent_proc import RELAY, AgentProcess, prime
+from agent_proc import RELAY, AgentProcess, prime, wait_status
 from brokers import Broker, BrokerFactory
 from helpers import publish_many
 from interop_brokers import NatsServer, RabbitNode
@@ -80,10 +80,12 @@ def test_20000_qos1_readings_arrive_byte_identical_in_order(
     print(f"\ninterop: {name}: 20000 QoS1 relayed in {elapsed:.1f} s ({rate:.0f} msg/s)")
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 def test_a_broker_restart_mid_stream_loses_nothing_the_agent_accepted(
-        uplink: tuple[str, Uplink], broker_factory: BrokerFactory, tmp_path,  # type: ignore[no-untyped-def]
+        uplink: tuple[str, Uplink], how: str, broker_factory: BrokerFactory, tmp_path,  # type: ignore[no-untyped-def]
         record_property) -> None:  # type: ignore[no-untyped-def]
-    """At 500 readings/s the broker stops and starts again. Every reading the local
+    """At 500 readings/s the broker stops (SIGTERM, or kill -9) and starts again. Every
+    reading the local
     broker accepted was acknowledged by the uplink broker to the agent (a tap reads
     the PUBACKs off the wire): the agent lost none. What the subscriber then misses
     is the broker's own loss, and only of what it acknowledged before the restart
@@ -101,7 +103,7 @@ def test_a_broker_restart_mid_stream_loses_nothing_the_agent_accepted(
         stream = Stream(local.url, rate_hz=500, topic=topic).start()
         wait_until("500 readings relayed", lambda: len(received(cloud, dev, topic)) >= 500, 30)
         stopped = time.monotonic()
-        broker.stop()
+        broker.stop() if how == "stop" else broker.kill()
         acked_before = numbers(tap.acknowledged())  # the stopped broker acks nothing more
         broker.start()
         wait_until("readings acknowledged again after the restart",
@@ -121,7 +123,7 @@ def test_a_broker_restart_mid_stream_loses_nothing_the_agent_accepted(
     lost = whose_losses(name, accepted, numbers(tap.acknowledged()),
                         set(received(cloud, dev, topic)), acked_before)
     record_property("lost_by_broker", len(lost))
-    print(f"\ninterop: {name}: restart at 500 msg/s: {len(accepted)} accepted, back in "
+    print(f"\ninterop: {name}: restart ({how}) at 500 msg/s: {len(accepted)} accepted, back in "
           f"{back_s:.1f} s, {len(lost)} lost by the broker after acknowledging them "
           f"{sorted(lost)[:10]}")
     assert not lost or MAY_LOSE_ON_RESTART[name], (
@@ -170,8 +172,10 @@ def test_protocol_auto_settles_on_3_1_1_and_relays(
             prime(local, cloud, agent, "sensors/prime", device=dev)
             publish_many(local.url, "sensors/auto", [str(i) for i in range(100)])
             got = cloud.wait_for(100, timeout=30, topic=f"fog/{dev}/sensors/auto")
+            online = wait_status(cloud, "online", agent, device=dev)
             assert agent.stop() == 0
         assert sorted(int(m.payload) for m in got) == list(range(100))
         assert tap.sessions and set(tap.sessions) == {4}, tap.sessions
+        assert online["protocol"] == "3.1.1"  # what the agent reports it negotiated
     finally:
         tap.close()

@@ -12,6 +12,7 @@ alone; a network cut with rows in flight dead-letters nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import socket
 import sqlite3
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent_proc import DEVICE, RELAY, AgentProcess, prime, write_config
 from brokers import Broker, BrokerFactory
@@ -55,6 +57,11 @@ def _payloads(cloud: Collector) -> list[bytes]:
     return [m.payload for m in cloud.snapshot(f"fog/{DEVICE}/{TOPIC}")]
 
 
+def _outbox_telemetry(cloud: Collector) -> dict[str, Any]:
+    docs = cloud.snapshot(f"fog/{DEVICE}/telemetry")
+    return dict(json.loads(docs[-1].payload)["outbox"]) if docs else {}
+
+
 def test_a_row_above_the_brokers_limit_on_mqtt_311_is_dead_lettered_and_the_lane_flows(
         tmp_path: Path, local_broker: Broker, broker_factory: BrokerFactory) -> None:
     """Mosquitto with max_packet_size 2000, spoken to in MQTT 3.1.1 (no limit is
@@ -81,6 +88,11 @@ def test_a_row_above_the_brokers_limit_on_mqtt_311_is_dead_lettered_and_the_lane
             # Nothing else gets stuck behind it: the lane flows for later readings.
             publish_many(local_broker.url, TOPIC, [b"after"])
             _until(lambda: _payloads(cloud)[-1:] == [b"after"], "a later reading", agent)
+            # Counted in telemetry: once isolated, once dead-lettered for this cause.
+            _until(lambda: _outbox_telemetry(cloud).get("dead_closed_alone") == 1,
+                   "dead_closed_alone not counted in telemetry", agent)
+            counted = _outbox_telemetry(cloud)
+            assert counted["uplink_isolations"] == 1 and counted["dead_lettered"] == 1, counted
         finally:
             assert agent.stop() == 0, agent.log()
     assert "disconnected due to oversize packet" in uplink.log(), uplink.log()[-3000:]

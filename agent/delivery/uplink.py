@@ -80,11 +80,13 @@ class Sender:
         self._paused = False
         # Finding a row the broker closes the connection on (see the module docstring).
         self._seq = 0  # write order, across connections
-        self._sent: dict[int, tuple[int, float]] = {}  # in flight: row id -> (order, written)
+        self._sent: dict[int, int] = {}  # in flight: row id -> write order
+        self._written = 0.0  # when the last row was written (monotonic)
         self._acked_seq = 0  # the latest-written row acknowledged on this connection
         self._suspect: Row | None = None  # the oldest row in flight at fruitless closes
         self._fruitless = 0  # closes in a row without a PUBACK past the oldest row in flight
         self._alone = 0  # closes in a row on `_suspect` alone, soon after its write
+        self._condemned: tuple[Row, str] | None = None  # dead-lettered at the reconnect
         outbox.on_rows = self._committed
         outbox.on_evicted = self._evicted
         outbox.on_settled = self._pump
@@ -164,13 +166,23 @@ class Sender:
         self._inflight = 0
 
     def connected(self) -> None:
+        condemned, self._condemned = self._condemned, None
+        if condemned is not None:
+            # At the reconnect, not at the close: a close that is our own stop is no
+            # evidence, and leaves the row for the next start to judge.
+            row, why = condemned
+            lane = self.lanes.get(row.lane)
+            if lane is not None and lane.queue and lane.queue[0].id == row.id:
+                lane.queue.popleft()
+                self.outbox.counters.inc("dead_closed_alone")
+                self.outbox.to_dead(row, why)  # logged there, at warning
         self._wake.set()
 
     def _judge_close(self) -> None:
         """The connection closed: was it on the oldest row in flight? See the docstring."""
         if not self._sent:
             return  # nothing in flight: the close says nothing about any row
-        head_id, (head_seq, written) = min(self._sent.items(), key=lambda kv: kv[1][0])
+        head_id, head_seq = min(self._sent.items(), key=lambda kv: kv[1])
         lane = next((ln for ln in self.lanes.values() if head_id in ln.unacked), None)
         if lane is None or self._acked_seq > head_seq or self.outbox.gone(lane.unacked[head_id]):
             self._clear("passed by the broker")  # a flaky network, or the row is gone anyway
@@ -183,18 +195,16 @@ class Sender:
         keepalive = float(self.conn.cfg.keepalive_s)
         # Our keepalive gives up only after 1.25 keepalives without a packet: a close
         # within one of the last packet, and soon after the write, came from the far end.
-        soon = (now - written <= min(CLOSE_SOON_S, keepalive)
+        # Alone in flight and not passed: the row is the last one written.
+        soon = (now - self._written <= min(CLOSE_SOON_S, keepalive)
                 and now - self.conn.last_in < keepalive)
         self._alone = self._alone + 1 if len(self._sent) == 1 and soon else 0
         if self._alone >= DEAD_AFTER:
-            del lane.unacked[head.id]  # not resent: dead-lettered instead
             hint = "" if self.conn.v5 else \
                 "; MQTT 3.1.1 exchanges no packet limit: the broker's is likely below it"
-            why = (f"the broker closed the connection twice on this row alone "
-                   f"({len(head.payload)} bytes{hint})")
-            self.outbox.counters.inc("dead_closed_alone")
-            self.outbox.to_dead(head, why)  # logged there, at warning
-            self._clear("dead-lettered")
+            self._condemned = (head, f"the broker closed the connection twice on this row "
+                                     f"alone ({len(head.payload)} bytes{hint})")
+            self._clear("to be dead-lettered")
         elif self._fruitless == ISOLATE_AFTER:
             self.outbox.counters.inc("uplink_isolations")
             log.info("uplink: %d connections in a row closed with message %s on %s in flight "
@@ -296,7 +306,8 @@ class Sender:
         lane.unacked[row.id] = row
         self._inflight += 1
         self._seq += 1
-        self._sent[row.id] = (self._seq, time.monotonic())
+        self._sent[row.id] = self._seq
+        self._written = time.monotonic()
         try:
             self.conn.publish(row.topic, row.payload, row.qos, row.retain,
                               user_properties=((KEY_PROPERTY, row.key),), expiry_s=expiry_s,
@@ -336,9 +347,8 @@ class Sender:
         if lane.unacked.pop(row.id, None) is None:
             return  # from a connection already given up on; the row goes again
         self._inflight -= 1
-        sent = self._sent.pop(row.id, None)
-        if sent is not None and sent[0] > self._acked_seq:
-            self._acked_seq = sent[0]
+        seq = self._sent.pop(row.id, 0)
+        self._acked_seq = max(self._acked_seq, seq)
         if rc < 0x80:
             self.outbox.acked(row)
         else:

@@ -167,6 +167,10 @@ class RabbitNode:
             "RABBITMQ_PID_FILE": str(self.pid_file),
             "RABBITMQ_CONF_ENV_FILE": str(self.workdir / "rabbitmq-env.conf"),  # none
             "ERL_CRASH_DUMP": str(self.workdir / "erl_crash.dump"),
+            # Clustering on loopback only; and no scheduler busy-waiting, which on a
+            # shared 2-core machine burns the CPU the agent and the other tests need.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface "
+            "{127,0,0,1} +sbwt none +sbwtdcpu none +sbwtdio none",
         }
 
     def spawn(self) -> RabbitNode:

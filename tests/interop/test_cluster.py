@@ -43,6 +43,7 @@ def test_the_agent_fails_over_to_a_surviving_node_and_no_reading_is_lost(
     reading the cluster had acknowledged would be the cluster's loss, not the agent's.
     """
     nodes = rabbit_cluster.nodes
+    assert rabbit_cluster.running_nodes() == [n.nodename for n in nodes]  # one cluster
     local = broker_factory("local")
     dev = device_id("cluster")
     topic = "sensors/failover"

@@ -168,7 +168,7 @@ def test_protocol_auto_settles_on_3_1_1_and_relays(
     tap = AckTap(broker.port, f"fog/{dev}/sensors/auto")
     try:
         with subscriber(broker.url, f"fog/{dev}/#") as cloud:
-            agent = start_agent(tmp_path, local, tap.url, dev, protocol=None)
+            agent = start_agent(tmp_path, local, tap.url, dev, protocol="auto")
             prime(local, cloud, agent, "sensors/prime", device=dev)
             publish_many(local.url, "sensors/auto", [str(i) for i in range(100)])
             got = cloud.wait_for(100, timeout=30, topic=f"fog/{dev}/sensors/auto")

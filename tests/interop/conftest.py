@@ -21,14 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chaos"))
 
 from interop_brokers import (
+    NATS_ACK_WAIT_S,
     Epmd,
     NatsServer,
     RabbitCluster,
     RabbitNode,
     installed,
 )
-
-NATS_ACK_WAIT_S = 2.0  # short, so a test waits for NATS's redelivery in seconds
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -41,6 +41,7 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 EPMD = shutil.which("epmd") or "/usr/bin/epmd"
 RABBIT_START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+NATS_ACK_WAIT_S = 2.0  # of the local-bus NATS: short, so a test waits seconds for a resend
 
 
 def installed() -> bool:

@@ -12,9 +12,8 @@ import time
 
 from agent_proc import RELAY, AgentProcess
 from brokers import BrokerFactory
-from conftest import NATS_ACK_WAIT_S
 from helpers import Collector
-from interop_brokers import NatsServer
+from interop_brokers import NATS_ACK_WAIT_S, NatsServer
 from interop_util import MQTT311, agent_config, device_id, prime_311, wait_until
 from stream import Stream, received, wait_all
 

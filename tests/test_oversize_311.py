@@ -187,3 +187,30 @@ def test_a_flaky_uplink_with_rows_in_flight_dead_letters_nothing_on_mqtt_311(
     log = agent.log()
     assert "dead-lettered" not in log, log[-4000:]
     assert "back to a window of 20" in log, log[-4000:]
+
+
+def test_on_mqtt_5_the_announced_limit_dead_letters_the_row_before_it_is_sent(
+        tmp_path: Path, local_broker: Broker, broker_factory: BrokerFactory) -> None:
+    """The same broker spoken to in MQTT 5 names its Maximum Packet Size in the CONNACK:
+    the 4000-byte reading is dead-lettered before it is sent, the broker never closes
+    the connection, no isolation is needed, and the readings around it arrive in order."""
+    uplink = broker_factory("uplink", extra_conf="max_packet_size 2000")
+    cfg = write_config(tmp_path / "agent.toml", local_broker, uplink, RELAY,
+                       uplink_extra='protocol = "5"')
+    data = tmp_path / "data"
+    small = [b"%03d" % n for n in range(20)]
+    with Collector(uplink.url, f"fog/{DEVICE}/#") as cloud:
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_ready()
+            prime(local_broker, cloud, agent, "sensors/marker")
+            publish_many(local_broker.url, TOPIC, [*small[:10], b"B" * 4000, *small[10:]])
+            _until(lambda: _payloads(cloud) == small, "the readings around the big one", agent)
+            _until(lambda: _rows(data, "SELECT count(*) FROM dead")[0][0] == 1,
+                   "no dead letter", agent)
+        finally:
+            assert agent.stop() == 0, agent.log()
+    dead = _rows(data, "SELECT length(payload), reason FROM dead")
+    assert dead[0][0] == 4000 and "maximum packet size 2000" in str(dead[0][1]), dead
+    assert "oversize packet" not in uplink.log(), uplink.log()[-3000:]
+    assert "one row at a time" not in agent.log()

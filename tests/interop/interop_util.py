@@ -22,6 +22,7 @@ from brokers import Broker
 from helpers import Collector, publish_many
 
 MQTT311 = mqtt.MQTTv311
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
 
 
 def device_id(what: str) -> str:
@@ -60,7 +61,7 @@ def subscriber(url: str, topics: str | Sequence[str], *, client_id: str | None =
     """
     c = Collector(url, topics, protocol=MQTT311, clean=not persistent,
                   client_id=client_id or f"interop-sub-{uuid.uuid4().hex[:8]}")
-    c.client.reconnect_delay_set(0.1, 1)
+    c.client.reconnect_delay_set(1, 1)
     return c
 
 

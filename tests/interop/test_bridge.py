@@ -33,7 +33,8 @@ def start_gateway(rabbit: RabbitNode, tmp_path: Path, certs: Certs,
             assert shipped in text
             text = text.replace(shipped, instead)
     gateway = ShippedBroker("gateway", workdir, text, ports)
-    return gateway.start()
+    gateway.start()
+    return gateway
 
 
 def test_the_gateway_bridge_brings_releases_down_from_rabbitmq_over_mtls(

@@ -4,11 +4,14 @@ three endpoints and fails over when the node it is connected to dies."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from agent_proc import RELAY, AgentProcess, prime, status_of
 from brokers import BrokerFactory
+from helpers import Collector
 from interop_brokers import RabbitCluster
 from interop_util import (
+    RecordProperty,
     agent_config,
     device_id,
     numbers,
@@ -21,15 +24,15 @@ from stream import Stream, received
 from tap import AckTap
 
 
-def endpoint_of(cloud, dev: str, after: int = 0) -> str | None:  # type: ignore[no-untyped-def]
+def endpoint_of(cloud: Collector, dev: str, after: int = 0) -> str | None:
     """The uplink endpoint the agent reports in its latest "online" status after `after`."""
     docs = [d for d in status_of(cloud, dev)[after:] if d.get("state") == "online"]
     return str(docs[-1]["endpoint"]) if docs and "endpoint" in docs[-1] else None
 
 
 def test_the_agent_fails_over_to_a_surviving_node_and_no_reading_is_lost(
-        rabbit_cluster: RabbitCluster, broker_factory: BrokerFactory, tmp_path,  # type: ignore[no-untyped-def]
-        record_property) -> None:  # type: ignore[no-untyped-def]
+        rabbit_cluster: RabbitCluster, broker_factory: BrokerFactory, tmp_path: Path,
+        record_property: RecordProperty) -> None:
     """kill -9 of the node the agent is connected to, at 500 readings/s: the agent moves
     to another endpoint of its list and a subscriber on a surviving node gets every
     reading the local broker accepted (duplicates allowed).

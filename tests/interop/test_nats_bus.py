@@ -9,6 +9,7 @@ or when the session comes back.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from agent_proc import RELAY, AgentProcess
 from brokers import BrokerFactory
@@ -19,7 +20,7 @@ from stream import Stream, received, wait_all
 
 
 def test_custody_holds_across_an_agent_kill_with_nats_as_the_local_bus(
-        nats_bus: NatsServer, broker_factory: BrokerFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        nats_bus: NatsServer, broker_factory: BrokerFactory, tmp_path: Path) -> None:
     """kill -9 of the agent at 500 readings/s on the NATS bus, then a new agent on the
     same data directory: every reading NATS accepted reaches the cloud, what the dead
     agent had taken but not acknowledged sent again by NATS (after its ack_wait, which

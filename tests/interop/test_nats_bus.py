@@ -1,5 +1,7 @@
 """NATS 2.9 (JetStream, MQTT 3.1.1) as the device's local bus, the cloud a Mosquitto.
 
+The agent's local connection is on its default `protocol = "auto"`: NATS answers
+its MQTT 5 CONNECT with a 3.1.1 refusal and the agent goes on with 3.1.1.
 The agent acknowledges a local message only once its outbox has committed what the
 message produced; NATS keeps an unacknowledged message in the agent's session and
 sends it again after its `ack_wait` (2 s in this server's config, 30 s by default)
@@ -29,7 +31,7 @@ def test_custody_holds_across_an_agent_kill_with_nats_as_the_local_bus(
     dev = device_id("natsbus")
     topic = "sensors/bus"
     cfg = agent_config(tmp_path / "agent.toml", nats_bus.url, cloud_broker.url, RELAY,
-                       device=dev, uplink_protocol=None, local_protocol="3.1.1")
+                       device=dev, uplink_protocol=None)  # both "auto": NATS ends on 3.1.1
     with Collector(cloud_broker.url, f"fog/{dev}/#") as cloud:
         agent = AgentProcess(cfg)
         agent.wait_ready()

@@ -32,7 +32,7 @@ def device_id(what: str) -> str:
 
 def agent_config(path: Path, local: Broker | str, uplink: str | Sequence[str], pipelines: str,
                  *, device: str, uplink_protocol: str | None = "3.1.1",
-                 local_protocol: str | None = None, extra: str = "") -> Path:
+                 extra: str = "") -> Path:
     """`write_config` with the uplink's protocol and, for a list, every endpoint.
 
     `uplink_protocol=None` leaves the key out (the default, "auto").
@@ -45,8 +45,6 @@ def agent_config(path: Path, local: Broker | str, uplink: str | Sequence[str], p
     if len(urls) > 1 or not isinstance(uplink, str):
         listed = ", ".join(f'"{u}"' for u in urls)
         text = text.replace(f'[uplink]\nurl = "{urls[0]}"', f"[uplink]\nurl = [{listed}]", 1)
-    if local_protocol:
-        text = text.replace("[local]\n", f'[local]\nprotocol = "{local_protocol}"\n', 1)
     path.write_text(text)
     return path
 

@@ -181,3 +181,26 @@ def test_protocol_auto_settles_on_3_1_1_and_relays(
         assert online["protocol"] == "3.1.1"  # what the agent reports it negotiated
     finally:
         tap.close()
+
+
+def test_protocol_5_is_refused_and_the_agent_says_to_use_auto(
+        uplink: tuple[str, Uplink], broker_factory: BrokerFactory, tmp_path: Path) -> None:
+    """With `protocol = "5"` forced, neither broker takes the agent (RabbitMQ closes the
+    socket, NATS refuses with a 3.1.1 CONNACK): the agent never takes that for a
+    session, names the endpoint and points at `protocol = "auto"`, and keeps running."""
+    _, broker = uplink
+    local = broker_factory("local")
+    tap = AckTap(broker.port, "fog/none")
+    try:
+        cfg = agent_config(tmp_path / "agent.toml", local, tap.url, RELAY,
+                           device=device_id("v5"), uplink_protocol="5")
+        agent = AgentProcess(cfg)
+        try:
+            agent.wait_log('protocol = "auto"')
+            assert tap.url.removeprefix("mqtt://") in agent.log()
+            assert tap.sessions == []  # no CONNACK accepted the v5 CONNECT
+            assert agent.running
+        finally:
+            agent.kill()
+    finally:
+        tap.close()

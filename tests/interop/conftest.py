@@ -1,11 +1,12 @@
 """Fixtures for the interop tests: RabbitMQ and NATS as the test's own processes.
 
 The brokers come from Debian (`scripts/setup --interop`); `scripts/test` only
-collects this directory when they are installed. Each broker is started once
-per session (RabbitMQ takes seconds to boot) on free ports with its own data
-directory, and stopped at the end by its pid, epmd included. Tests that restart
-or kill a broker leave it running again for the next test; tests use their own
-device id and topics, so what one test retains does not meet another.
+collects this directory when they are installed. Each broker is started once per
+session (RabbitMQ takes seconds to boot; the cluster once per module) on free
+ports with its own data directory, and stopped at the end by its pid, epmd
+included. Tests that restart or kill a broker leave it running again for the
+next test; tests use their own device id and topics, so what one test retains
+does not meet another.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[R
         epmd.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
-    """Three RabbitMQ nodes on this machine, clustered (`rabbitmqctl join_cluster`)."""
+    """Three RabbitMQ nodes on this machine, clustered (`rabbitmqctl join_cluster`);
+    stopped once the module is done (three idle VMs would stay for the whole suite)."""
     cluster = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
     try:
         yield cluster.start()

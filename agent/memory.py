@@ -59,8 +59,10 @@ def _clean_read_only_file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def page_out_start_up() -> int:
-    """Unmap this process's clean read-only file mappings; KiB the resident set shrank by."""
+def page_out_start_up(*, quiet: bool = False) -> int:
+    """Unmap this process's clean read-only file mappings; KiB the resident set shrank by.
+
+    `quiet` logs the figure at debug (a step of start-up, not its end)."""
     if not sys.platform.startswith("linux"):
         return 0
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -81,6 +83,6 @@ def page_out_start_up() -> int:
     if before is None or after is None:
         return 0
     released = max(0, before - after)
-    log.info("memory: unmapped %.1f MiB of start-up library pages (library pages now "
-             "resident: %.1f MiB)", released / 1024, after / 1024)
+    log.log(logging.DEBUG if quiet else logging.INFO, "memory: unmapped %.1f MiB of start-up "
+            "library pages (library pages now resident: %.1f MiB)", released / 1024, after / 1024)
     return released

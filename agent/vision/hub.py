@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent import memory
 from agent.config import RuntimeConfig
 from agent.errors import ModelError
 from agent.vision.detector import Detection, Detector
@@ -180,6 +181,7 @@ class ModelHub:
         self._records: dict[tuple[str, int], _Record] = {}
         self._lock = threading.Lock()
         self.shadows: dict[str, ShadowRun] = {}
+        self._first_open = True
 
     def slot(self, name: str, pipeline: str) -> Slot:
         """A new slot on `name`, loaded with its active version (or failing until it loads)."""
@@ -188,6 +190,9 @@ class ModelHub:
         return s
 
     def open(self, ref: ModelRef) -> Detector:
+        if self._first_open:  # start-up: the libraries are in, the model's arena is next
+            self._first_open = False
+            memory.page_out_start_up(quiet=True)  # so the two do not add up to the peak
         return Detector(ref, self.runtime, self.telemetry)
 
     def version(self, name: str) -> int | None:

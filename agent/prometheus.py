@@ -9,6 +9,7 @@ own HTTP server (a daemon thread, one more per scrape) writes the exposition.
     fogwhisk_outbox_<counter>_total, fogwhisk_outbox_backlog (gauge), ...
     fogwhisk_outbox_latency_seconds{step="commit"}   histogram
     fogwhisk_mqtt_<counter>_total{connection}        local, uplink
+    fogwhisk_mqtt_endpoint_info{connection,endpoint,protocol} 1   the endpoint in use
     fogwhisk_info{device,version,boot} 1
     process_resident_memory_bytes, process_cpu_seconds_total, ...  (ProcessCollector)
 """
@@ -66,6 +67,7 @@ class TelemetryCollector(Collector):
         info.add_metric([self.device, __version__, self.boot_id], 1)
         yield info
         t = self.telemetry
+        yield from _endpoints(dict(t.components))
         scopes = [Scope("pipeline", "pipelines.<pipeline>", ["pipeline"], [name], c)
                   for name, c in sorted(dict(t.pipelines).items())]
         for name, c in sorted(dict(t.components).items()):
@@ -76,6 +78,19 @@ class TelemetryCollector(Collector):
             else:
                 scopes.append(Scope(_safe(name), name, [], [], c))
         yield from _families(scopes)
+
+
+def _endpoints(components: dict[str, Counters]) -> Iterator[Metric]:
+    """The endpoint and MQTT version each connection uses (text facts, as an info gauge)."""
+    family = GaugeMetricFamily("fogwhisk_mqtt_endpoint_info",
+                               "The endpoint a connection uses and its MQTT version",
+                               labels=["connection", "endpoint", "protocol"])
+    for name, c in sorted(components.items()):
+        kind, _, connection = name.partition("_")
+        facts = dict(c.info)
+        if kind == "mqtt" and connection and "endpoint" in facts:
+            family.add_metric([connection, facts["endpoint"], facts.get("protocol", "")], 1)
+    yield family
 
 
 @dataclass(frozen=True, slots=True)

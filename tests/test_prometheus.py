@@ -66,8 +66,9 @@ def start_with_prometheus(tmp_path: Path, local: Broker,
 
 def test_a_scrape_counts_exactly_what_the_agent_relayed(
         tmp_path: Path, local_broker: Broker, uplink_broker: Broker) -> None:
-    """Pipeline in/out, the step histograms, the outbox and both connections, RSS: the same
-    figures as the MQTT telemetry, and the agent still exits 0 on SIGTERM."""
+    """Pipeline in/out, the step histograms, the outbox and both connections (and the
+    endpoint and MQTT version each uses), RSS: the same figures as the MQTT telemetry, and
+    the agent still exits 0 on SIGTERM."""
     with Collector(uplink_broker.url, f"fog/{DEVICE}/sensors/#") as cloud:
         agent, port = start_with_prometheus(tmp_path, local_broker, uplink_broker)
         prime(local_broker, cloud, agent, "sensors/marker")
@@ -103,6 +104,9 @@ def test_a_scrape_counts_exactly_what_the_agent_relayed(
         assert m["fogwhisk_pipeline_latency_seconds"][0] == "histogram"
         assert value(m, "fogwhisk_outbox_latency_seconds_count", step="commit") > 0
         assert value(m, "fogwhisk_info", device=DEVICE) == 1
+        for connection, broker in (("local", local_broker), ("uplink", uplink_broker)):
+            assert value(m, "fogwhisk_mqtt_endpoint_info", connection=connection,
+                         endpoint=broker.url, protocol="5") == 1
         assert value(m, "process_resident_memory_bytes") > 1e6
         assert agent.stop() == 0, agent.log()
     with pytest.raises(OSError):  # the port is closed with the agent

@@ -140,7 +140,8 @@ def test_every_accepted_reading_reaches_the_cloud_in_order_through_cut_crash_and
             {r: k for r, k in keys_of.items() if len(k) > 1}
         all_keys = [next(iter(k)) for k in keys_of.values()]
         assert len(set(all_keys)) == len(all_keys)
-        assert sum(sent.values()) >= len(DEVICES) * RATE_PER_DEVICE * STREAM_S * 0.9
+        # the stream ran through every fault (not a rate: a loaded CI machine publishes slower)
+        assert min(sent.values()) >= RATE_PER_DEVICE * STREAM_S * 0.25, sent
         for a in [gw, *devices]:
             assert a.running, a.log()
         assert "Traceback" not in gw.log(), gw.log()

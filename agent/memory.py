@@ -49,7 +49,9 @@ def _clean_read_only_file_mappings() -> list[tuple[int, int]]:
         fields = line.split(maxsplit=5)
         if fields and "-" in fields[0] and not fields[0].endswith(":"):
             span = None
-            if len(fields) == 6 and fields[5].startswith("/") and "w" not in fields[1]:
+            path = fields[5] if len(fields) == 6 else ""
+            # Files only: a device's mapping (a camera's buffers, a GPU's) is not page cache.
+            if path.startswith("/") and not path.startswith("/dev/") and "w" not in fields[1]:
                 lo, hi = (int(v, 16) for v in fields[0].split("-"))
                 span = (lo, hi - lo)
         elif span is not None and fields[0] == "Anonymous:":
@@ -73,12 +75,15 @@ def page_out_start_up(*, quiet: bool = False) -> int:
     except OSError as exc:
         log.debug("memory: cannot read /proc/self/smaps: %s", exc)
         return 0
+    refused = errno = 0
     for advice in (MADV_PAGEOUT, MADV_DONTNEED):
         for start, length in spans:
-            if libc.madvise(start, length, advice) != 0:
-                log.debug("memory: madvise(%d) refused (errno %d): keeping the pages",
-                          advice, ctypes.get_errno())
-                break
+            if libc.madvise(start, length, advice) != 0:  # that mapping keeps its pages
+                refused += 1
+                errno = ctypes.get_errno()
+    if refused:
+        log.debug("memory: madvise refused %d time(s) (last errno %d): those pages stay",
+                  refused, errno)
     after = resident_file_kib()
     if before is None or after is None:
         return 0

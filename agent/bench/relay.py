@@ -110,6 +110,19 @@ def _subscriber(port: int, topic: str, n: int, timed: IO[bytes] | None = None
     return sub
 
 
+def _uplink_back(agent: subprocess.Popen[bytes], uplink: Broker, n: int
+                 ) -> subprocess.Popen[bytes]:
+    """Start the uplink broker and a subscriber for n messages while the agent is stopped
+    (SIGSTOP), then let the agent go on: it cannot drain a backlog before the subscriber
+    listens (it reconnects within 0.5 s; a small backlog drains in less than a second)."""
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        uplink.start()
+        return _subscriber(uplink.port, "fog/bench/#", n)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+
+
 def _agent_config(work: Path, local: int, uplink: int, extra: str = "",
                   uplink_extra: str = "") -> Path:
     cfg = work / "agent.toml"
@@ -304,8 +317,7 @@ keepalive_interval 30
                             f" rows):\n" + (work / "a" / "agent.log").read_text()[-3000:])
                     time.sleep(0.2)
                 disk = sum(p.stat().st_size for p in (work / "a" / "data").glob(f"{DB_NAME}*"))
-                uplink.start()
-                sub = _subscriber(uplink.port, "fog/bench/#", args.backlog)
+                sub = _uplink_back(proc, uplink, args.backlog)
                 t0 = time.perf_counter()
                 sub.wait(600)
                 drain = args.backlog / (time.perf_counter() - t0)
@@ -324,8 +336,7 @@ keepalive_interval 30
                 time.sleep(3)
                 rss_mib = _rss_kib(proc.pid) / 1024
                 # Then the uplink returns: the whole backlog streams out from disk.
-                uplink.start()
-                sub = _subscriber(uplink.port, "fog/bench/#", args.rss_backlog)
+                sub = _uplink_back(proc, uplink, args.rss_backlog)
                 t0 = time.perf_counter()
                 while sub.poll() is None:
                     rss_mib = max(rss_mib, _rss_kib(proc.pid) / 1024)

@@ -44,18 +44,22 @@ class Proxy:
                 continue
             except OSError:
                 return
-            if self.mode == "refuse":
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=2)
-            except OSError:
-                client.close()
-                continue
-            self.accepted += 1
-            with self._lock:
-                self._conns.append((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            self._take(client)
+
+    def _take(self, client: socket.socket) -> None:
+        """One accepted client (on the accept thread): refuse it, or pump it upstream."""
+        if self.mode == "refuse":
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=2)
+        except OSError:
+            client.close()
+            return
+        self.accepted += 1
+        with self._lock:
+            self._conns.append((client, upstream))
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}

@@ -70,15 +70,8 @@ class V311Front(Proxy):
         self.levels: list[int] = []
         super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._greet, args=(client,), daemon=True).start()
+    def _take(self, client: socket.socket) -> None:
+        threading.Thread(target=self._greet, args=(client,), daemon=True).start()
 
     def _greet(self, client: socket.socket) -> None:
         client.settimeout(READ_TIMEOUT_S)

@@ -96,7 +96,8 @@ def _bytes(v: Any) -> str:
     return f"{v / 1e6:.1f} MB"
 
 
-def _ago(ts: Any, now: float) -> str:
+def ago(ts: Any, now: float) -> str:
+    """How long before `now` a document's `ts` was, for people ("-" without one)."""
     if not isinstance(ts, int | float):
         return "-"
     s = max(0.0, now - ts)
@@ -114,7 +115,7 @@ def render(device: str, status: dict[str, Any] | None,
             f"state    {status.get('state', '?')}"
             + (f" ({status['reason']})" if status.get("reason") else ""),
             f"version  {status.get('version', '?')}",
-            f"boot     {status.get('boot', '?')} (status {_ago(status.get('ts'), now)})",
+            f"boot     {status.get('boot', '?')} (status {ago(status.get('ts'), now)})",
             f"pipelines {', '.join(status.get('pipelines') or []) or 'none'}",
         ]
     else:
@@ -124,7 +125,7 @@ def render(device: str, status: dict[str, Any] | None,
         return "\n".join(lines)
     lines += [
         f"uptime   {telemetry.get('uptime_s', '?')} s, RSS {_bytes(telemetry.get('rss_bytes'))}"
-        f" (telemetry {_ago(telemetry.get('ts'), now)})",
+        f" (telemetry {ago(telemetry.get('ts'), now)})",
         "",
     ]
     header = ("pipeline", "in", "out", "dropped", "malformed", "errors", "p50 ms", "p95 ms")

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from agent.errors import FetchError
 from agent.ota.release import Release
+from agent.ota.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Partial:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.progress)
-        _fsync_dir(self.dest_dir)
+        fsync_dir(self.dest_dir)
 
     async def finish(self) -> Path:
         """Hash the whole file; on a match rename it to `final`, else remove it."""
@@ -207,7 +208,7 @@ class Partial:
         os.replace(self.part, self.final)
         with contextlib.suppress(FileNotFoundError):
             self.progress.unlink()
-        _fsync_dir(self.dest_dir)
+        fsync_dir(self.dest_dir)
 
     async def discard(self) -> None:
         """Forget everything fetched (after bad bytes: nothing of it is trusted)."""
@@ -241,14 +242,6 @@ def _sha256_of(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def _already_there(dest_dir: Path, sha256: str, size: int) -> Path | None:

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
 
+from agent.cli.status import ago
 from agent.errors import ConfigError
 from agent.ota.session import _LEVEL, Broker, _Session
 
@@ -107,7 +108,7 @@ def _cells(row: dict[str, Any], now: float) -> tuple[str, ...]:
     return (row["device"], row["model"], _text(active.get("version")),
             _text(previous.get("version")), _text(update.get("version")),
             _text(update.get("state")), _progress(update.get("progress")),
-            _text(update.get("reason")), _age(ts, now))
+            _text(update.get("reason")), ago(ts, now))
 
 
 def _text(v: Any) -> str:
@@ -120,14 +121,6 @@ def _progress(v: Any) -> str:
     if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1:
         return f"{v * 100:.0f}%"
     return _text(v)
-
-
-def _age(ts: Any, now: float) -> str:
-    if not isinstance(ts, int | float):
-        return "-"
-    s = max(0.0, now - ts)
-    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 \
-        else f"{s / 3600:.1f} h ago"
 
 
 def _widths(rows: list[dict[str, Any]], now: float) -> list[int]:
